@@ -1,0 +1,28 @@
+"""prunewise: post-training pruning of causal language models.
+
+Public API::
+
+    import prunewise as pw
+    model, tokenizer, _ = pw.load_model("smollm2-135m")
+    cfg = pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=32, seqlen=512)
+    result = pw.prune(model, tokenizer, cfg)          # in place; result.layers, result.sparsity
+    print(pw.evaluate(model, tokenizer, "wiki", seqlen=512, max_tokens=16384)["ppl"])
+"""
+
+__version__ = "0.1.0"
+
+from . import allocation, metrics  # noqa: E402,F401  (register the methods)
+from .config import PruneConfig  # noqa: E402
+from .engine import PruneResult, prune_model  # noqa: E402
+from .errors import ConfigError, PrunewiseError  # noqa: E402
+from .evaluate import evaluate, perplexity  # noqa: E402
+from .masks import parse_pattern  # noqa: E402
+from .models import find_blocks, load_model  # noqa: E402
+from .pipeline import plan, prune, run  # noqa: E402
+from .registry import ALLOCATORS, METRICS  # noqa: E402
+
+__all__ = [
+    "ALLOCATORS", "METRICS", "ConfigError", "PruneConfig", "PruneResult", "PrunewiseError",
+    "evaluate", "find_blocks", "load_model", "parse_pattern", "perplexity", "plan", "prune",
+    "prune_model", "run",
+]

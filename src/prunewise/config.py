@@ -1,0 +1,144 @@
+"""The configuration of one pruning run: a frozen, validated, serialisable dataclass.
+
+Every field has the papers' default except where noted. :meth:`PruneConfig.validate` raises a
+:class:`~prunewise.errors.ConfigError` whose message starts with the field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .masks import Pattern, parse_pattern
+from .registry import ALLOCATORS, METRICS, parse_spec
+
+MODES = ("two-pass", "single-pass")
+PROPAGATE = ("pruned", "dense")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PRUNEWISE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prunewise"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning run.
+
+    ``metric`` and ``allocator`` are specs ``name[:key=value,...]``; ``pattern`` is
+    ``unstructured`` (optionally ``:group=row|matrix``) or ``N:M``. ``sparsity`` defaults to 0.5
+    for unstructured and to ``N/M`` for N:M. ``mode="two-pass"`` is the papers' protocol
+    (statistics from the dense block, calibration set propagated through the pruned block);
+    ``"single-pass"`` prunes each linear layer from inputs that already went through the pruned
+    layers before it and runs every block once, on the whole calibration set as one batch.
+    """
+
+    model: str = "smollm2-135m"
+    metric: str = "wanda"
+    allocator: str = "uniform"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    calib: str = "wiki"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    mode: str = "two-pass"
+    propagate: str = "pruned"
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "auto"
+    blocks_path: str | None = None
+    eval_data: str | None = None
+    eval_seqlen: int | None = None
+    max_tokens: int | None = None
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def pattern_obj(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target(self) -> float:
+        """The global sparsity actually aimed at."""
+        pat = self.pattern_obj
+        if self.sparsity is None:
+            return pat.sparsity if pat.is_nm else 0.5
+        return float(self.sparsity)
+
+    @property
+    def metric_spec(self) -> tuple[str, dict[str, Any]]:
+        name, params = parse_spec(self.metric, "metric")
+        return name, METRICS.get(name).bind(params)
+
+    @property
+    def allocator_spec(self) -> tuple[str, dict[str, Any]]:
+        name, params = parse_spec(self.allocator, "allocator")
+        return name, ALLOCATORS.get(name).bind(params)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> PruneConfig:
+        def need(cond: bool, field: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{field}: {msg}")
+
+        need(isinstance(self.model, str) and self.model.strip() != "", "model", "must be a path, hub id or 'smollm2-135m'")
+        metric_name, _ = self.metric_spec
+        alloc_name, _ = self.allocator_spec
+        pat = self.pattern_obj
+        if self.sparsity is not None:
+            s = self.sparsity
+            need(isinstance(s, (int, float)) and not isinstance(s, bool), "sparsity", f"must be a number, got {s!r}")
+            need(0.0 <= s < 1.0, "sparsity", f"must be in [0, 1), got {s}")
+            if pat.is_nm:
+                need(
+                    abs(s - pat.sparsity) < 1e-9,
+                    "sparsity",
+                    f"pattern {pat} fixes the sparsity at {pat.sparsity:g}, got {s}; drop --sparsity or change the pattern",
+                )
+        if pat.group and METRICS.get(metric_name).extra.get("kind") == "solver":
+            raise ConfigError(f"pattern: '{metric_name}' chooses its own comparison groups; use plain 'unstructured'")
+        if pat.is_nm and alloc_name != "uniform":
+            raise ConfigError(f"allocator: '{alloc_name}' needs an unstructured pattern (N:M allocation is not supported)")
+        for field in ("nsamples", "seqlen", "batch_size"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
+        need(self.seqlen >= 2, "seqlen", f"must be at least 2, got {self.seqlen}")
+        need(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        need(self.propagate in PROPAGATE, "propagate", f"must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+        if self.mode == "single-pass":
+            need(self.propagate == "pruned", "propagate", "single-pass mode always propagates through the pruned block")
+        if self.eval_seqlen is not None:
+            need(isinstance(self.eval_seqlen, int) and self.eval_seqlen >= 2, "eval_seqlen", f"must be an integer >= 2, got {self.eval_seqlen!r}")
+        if self.max_tokens is not None:
+            need(isinstance(self.max_tokens, int) and self.max_tokens >= 2, "max_tokens", f"must be an integer >= 2, got {self.max_tokens!r}")
+        return self
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        return dataclasses.replace(self, **changes)

