@@ -119,8 +119,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
 
     config = _config_from_args(args)
-    if args.out is None and not args.dry_run and args.config is None:
-        log.warning("no --out given: the pruned model is not saved")
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
                  progress=not args.quiet, dry_run=args.dry_run)
     rec = output.record
@@ -137,8 +135,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"peak RSS {rec['memory']['peak_rss_gb']:.2f} GB")
     if "dense" in rec:
         print(_ppl_table([("dense", rec["dense"]), (f"pruned ({config.metric})", rec["pruned"])]))
-    if args.out is not None:
-        print(f"saved to {args.out}")
+    print(f"saved to {args.out}" if args.out is not None else "not saved (no --out given)")
     return 0
 
 
@@ -222,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.set_verbosity_error()
         except ImportError:
             pass
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     commands = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
     try:
         return commands[args.command](args)

@@ -178,6 +178,22 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
     return hidden, calls
 
 
+@torch.no_grad()
+def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
+           blocks_path: str | None = None) -> torch.Tensor:
+    """The last block's outputs for ``ids``, computed block by block as the engine does.
+
+    Equal to the full forward pass's last-block output: the check that capture and per-block
+    propagation lose nothing (masks, position embeddings, per-block arguments).
+    """
+    _, blocks = find_blocks(model, blocks_path)
+    dev = torch.device(device)
+    hidden, calls = capture(model, blocks, ids, batch_size, dev)
+    for block, block_calls in zip(blocks, calls):
+        hidden = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, block_calls)]
+    return torch.cat(hidden)
+
+
 def _prune_linear(module: nn.Module, metric: Entry, params: dict[str, Any], stats: LayerStats | None,
                   sparsity: float, pattern: Pattern) -> int:
     """Prune one linear layer in place; return its number of zero weights."""

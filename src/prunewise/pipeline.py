@@ -37,11 +37,10 @@ def _plan(model: nn.Module, config: PruneConfig) -> tuple[Profile, dict[str, flo
     return profile, allocate(name, params, profile, config.target)
 
 
-def check_context(model: nn.Module, config: PruneConfig) -> None:
+def check_context(model: nn.Module, field: str, value: int | None) -> None:
     ctx = max_context(model)
-    for field, value in (("seqlen", config.seqlen), ("eval_seqlen", config.eval_seqlen)):
-        if ctx is not None and value is not None and value > ctx:
-            raise ConfigError(f"{field}: {value} exceeds the model's context of {ctx} tokens")
+    if ctx is not None and value is not None and value > ctx:
+        raise ConfigError(f"{field}: {value} exceeds the model's context of {ctx} tokens")
 
 
 def prune(
@@ -55,10 +54,12 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` in place following ``config``; ``calib`` ([n, seqlen] ids) overrides ``config.calib``."""
     config.validate()
-    check_context(model, config)
     allocation = plan(model, config)
     metric, params = config.metric_spec
-    if calib is None and METRICS.get(metric).needs:
+    needs_data = bool(METRICS.get(metric).needs)
+    if needs_data:
+        check_context(model, "seqlen", config.seqlen if calib is None else calib.shape[1])
+    if calib is None and needs_data:
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                 cache_dir or default_cache_dir())
     return prune_model(
@@ -101,7 +102,10 @@ def run(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     t_start = time.perf_counter()
     model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
-    check_context(model, config)
+    if METRICS.get(config.metric_spec[0]).needs:
+        check_context(model, "seqlen", config.seqlen)
+    if config.eval_data:
+        check_context(model, "eval_seqlen", config.eval_seqlen or config.seqlen)
     record: dict[str, Any] = {
         "config": config.to_dict(),
         "source": {"kind": source.kind, "path": source.path},
