@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+            if args.quiet:
+                hf_logging.disable_progress_bar()
         except ImportError:
             pass
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)

@@ -1,0 +1,156 @@
+"""Speed, memory and perplexity of the core metrics on the bundled SmolLM2-135M, with peers.
+
+Protocol (shared/reference/peers.md): calibration 32 windows x 512 tokens from the wiki
+calibration pool (``random.Random(0)``, ``randint(0, len - 513)`` per window); evaluation on the
+first 64 non-overlapping 512-token windows of the wiki test split (32,768 tokens). Wall time is
+the pruning call only (model loaded, data tokenized); peak RSS is read right after pruning. Every
+run is a fresh subprocess so peak RSS is per run.
+
+    python benchmarks/bench_core.py --out benchmarks/results/core.jsonl [--llmc /opt/llmc/bin/python]
+    python benchmarks/bench_core.py --only wanda:0.5:unstructured:two-pass
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NSAMPLES, SEQLEN, EVAL_TOKENS = 32, 512, 32768
+
+OURS = [
+    ("magnitude", 0.5, "unstructured", "two-pass"),
+    ("magnitude", 0.7, "unstructured", "two-pass"),
+    ("magnitude", None, "2:4", "two-pass"),
+    ("wanda", 0.5, "unstructured", "two-pass"),
+    ("wanda", 0.7, "unstructured", "two-pass"),
+    ("wanda", None, "2:4", "two-pass"),
+    ("sparsegpt", 0.5, "unstructured", "two-pass"),
+    ("sparsegpt", 0.7, "unstructured", "two-pass"),
+    ("sparsegpt", None, "2:4", "two-pass"),
+    ("wanda", 0.5, "unstructured", "single-pass"),
+    ("wanda", 0.7, "unstructured", "single-pass"),
+    ("sparsegpt", 0.5, "unstructured", "single-pass"),
+    ("sparsegpt", 0.7, "unstructured", "single-pass"),
+]
+PEERS = [("wanda", 0.5, "0:0"), ("sparsegpt", 0.5, "0:0"), ("wanda", 0.7, "0:0"), ("sparsegpt", 0.7, "0:0"),
+         ("wanda", 0.5, "2:4"), ("sparsegpt", 0.5, "2:4")]
+
+
+def _setup():
+    import prunewise as pw
+    from prunewise.config import default_cache_dir
+    from prunewise.data import calibration_ids, load_text, tokenize
+
+    model, tok, src = pw.load_model("smollm2-135m")
+    calib = calibration_ids(tok, "wiki", NSAMPLES, SEQLEN, 0, default_cache_dir())
+    test_ids = tokenize(tok, load_text("wiki", "evaluation").text, default_cache_dir())
+    return pw, model, src, calib, test_ids
+
+
+def run_ours(metric: str, sparsity: float | None, pattern: str, mode: str, batch_size: int) -> dict:
+    import torch
+
+    pw, model, _, calib, test_ids = _setup()
+    cfg = pw.PruneConfig(metric=metric, sparsity=sparsity, pattern=pattern, mode=mode, nsamples=NSAMPLES,
+                         seqlen=SEQLEN, batch_size=batch_size)
+    t0 = time.perf_counter()
+    res = pw.prune(model, None, cfg, calib=calib, progress=False)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
+    return {"tool": "prunewise", "metric": metric, "pattern": pattern, "sparsity": cfg.target, "mode": mode,
+            "batch_size": batch_size, "wall_s": round(wall, 2), "peak_rss_gb": round(rss, 3), "ppl": round(ppl, 3),
+            "achieved": round(res.sparsity, 6), "torch_threads": torch.get_num_threads()}
+
+
+def run_dense_pass() -> dict:
+    """One dense pass of the calibration set through the 30 blocks (the floor of a sequential pruner)."""
+    import torch
+
+    from prunewise.engine import replay
+
+    pw, model, _, calib, test_ids = _setup()
+    t0 = time.perf_counter()
+    replay(model, calib, batch_size=8)
+    wall = time.perf_counter() - t0
+    ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
+    return {"tool": "prunewise", "metric": "dense-pass", "wall_s": round(wall, 2), "ppl": round(ppl, 3),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
+    pw, model, src, calib, test_ids = _setup()
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_path = Path(tmp) / "calib.pt"
+        torch.save(calib, calib_path)
+        out = Path(tmp) / "out"
+        proc = subprocess.run([python, str(Path(__file__).with_name("llmc_run.py")), src.path, str(calib_path),
+                               method, str(sparsity), structure, str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"tool": "llm-compressor", "metric": method, "error": proc.stderr.strip().splitlines()[-1:]}
+        stats = json.loads(proc.stdout.strip().splitlines()[-1])
+        pruned, _, _ = pw.load_model(str(out))
+        ppl = pw.perplexity(pruned, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
+        from prunewise.io import mask_digest  # noqa: F401
+
+        zeros = total = 0
+        from prunewise.models import block_linears, find_blocks, weight_matrix
+
+        for block in find_blocks(pruned)[1]:
+            for _, m in block_linears(block):
+                w = weight_matrix(m)
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    pattern = "2:4" if structure == "2:4" else "unstructured"
+    return {"tool": "llm-compressor 0.14.0.1", "metric": method, "pattern": pattern, "sparsity": sparsity,
+            "mode": "sequential pipeline", "batch_size": 1, "wall_s": round(stats["wall_s"], 2),
+            "peak_rss_gb": round(stats["peak_rss_gb"], 3), "ppl": round(ppl, 3), "achieved": round(zeros / total, 6)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/core.jsonl"))
+    ap.add_argument("--llmc", help="python of a venv with llmcompressor installed")
+    ap.add_argument("--only", help="one run: metric:sparsity:pattern:mode, dense, or peer:method:sparsity:structure")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--skip-ours", action="store_true")
+    args = ap.parse_args()
+    if args.only:
+        parts = args.only.split(":")
+        if parts[0] == "dense":
+            row = run_dense_pass()
+        elif parts[0] == "peer":
+            row = run_peer(args.llmc, parts[1], float(parts[2]), ":".join(parts[3:]))
+        else:
+            metric, sp, *pat, mode = parts
+            row = run_ours(metric, None if sp == "None" else float(sp), ":".join(pat), mode, args.batch_size)
+        print(json.dumps(row), flush=True)
+        return
+    jobs = ["dense"] if not args.skip_ours else []
+    if not args.skip_ours:
+        jobs += [f"{m}:{s}:{p}:{mode}" for m, s, p, mode in OURS]
+    if args.llmc:
+        jobs += [f"peer:{m}:{s}:{st}" for m, s, st in PEERS]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        cmd = [sys.executable, __file__, "--only", job, "--batch-size", str(args.batch_size)]
+        if args.llmc:
+            cmd += ["--llmc", args.llmc]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else json.dumps(
+            {"job": job, "error": proc.stderr.strip().splitlines()[-3:]})
+        print(line, flush=True)
+        with open(args.out, "a") as fh:
+            fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
