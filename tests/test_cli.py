@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from conftest import make_text, tiny_model
 from transformers import AutoModelForCausalLM
 
+from conftest import make_text, tiny_model
 from prunewise.cli import main
 
 

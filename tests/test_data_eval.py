@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 
+from conftest import tiny_model
 from prunewise.data import calibration_ids, load_text, sample_windows, tokenize, wiki_splits
 from prunewise.errors import PrunewiseError
 from prunewise.evaluate import evaluate, perplexity

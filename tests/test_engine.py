@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import ARCHS, LINEARS_PER_BLOCK, tiny_model
 
 import prunewise as pw
+from conftest import ARCHS, LINEARS_PER_BLOCK, tiny_model
 from prunewise.engine import replay
 from prunewise.errors import PrunewiseError
 from prunewise.models import block_linears, find_blocks, weight_matrix
@@ -157,3 +157,32 @@ def test_seqlen_beyond_context_is_rejected():
     model = tiny_model("llama")  # max_position_embeddings = 128
     with pytest.raises(pw.ConfigError, match="seqlen: 256 exceeds the model's context of 128"):
         pw.prune(model, None, pw.PruneConfig(metric="wanda", seqlen=256))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_two_pass_matches_full_forward_reference(arch, calib):
+    """The papers' protocol written the slow, obvious way: for block i, run the whole model (blocks
+    before i already pruned, i still dense) and take Wanda statistics of block i's layers."""
+    model, ref = tiny_model(arch), tiny_model(arch)
+    pw.prune(model, None, pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24, batch_size=4),
+             calib=calib, progress=False)
+    _, blocks = find_blocks(ref)
+    for block in blocks:
+        sums, handles = {}, []
+        for name, m in block_linears(block):
+            def hook(mod, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + x.square().sum(0)
+            handles.append(m.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            ref(input_ids=calib, use_cache=False)
+        for h in handles:
+            h.remove()
+        for name, m in block_linears(block):
+            w = weight_matrix(m)
+            score = w.abs() * (sums[name] / calib.shape[0]).sqrt()
+            k = w.shape[1] // 2
+            mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, score.argsort(dim=1, stable=True)[:, :k], True)
+            w.masked_fill_(mask, 0)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a == 0, b == 0), n

@@ -65,7 +65,7 @@ def test_sparsegpt_obs_update_compensates_correlated_inputs():
     assert out[0, 1].item() == pytest.approx(expect.item(), rel=1e-4)
 
 
-def brute_force_sparsegpt(w, h, sparsity, blocksize, pattern=Pattern(), percdamp=0.01):
+def brute_force_sparsegpt(w, h, sparsity, blocksize, pattern, percdamp=0.01):
     """Sequential OBS with explicit inverses of the remaining-column Hessian, in float64."""
     w = w.double().clone()
     h = h.double().clone()

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default auto: as stored; fp32 for GGUF)")
     p.add_argument("--blocks-path", dest="blocks_path", help="dotted path of the decoder-block ModuleList, e.g. model.layers")
     p.add_argument("--eval-data", dest="eval_data", help="evaluate dense and pruned perplexity on: wiki, file:PATH, wikitext2, c4")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation (e.g. when rerunning a record that had --eval-data)")
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window (default: --seqlen)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, help="evaluate on the first N tokens only")
     p.add_argument("--out", type=Path, help="output folder for the pruned checkpoint and pruning.json")
@@ -88,6 +89,8 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         value = getattr(args, name, None)
         if value is not None:
             base[name] = value
+    if getattr(args, "no_eval", False):
+        base["eval_data"] = None
     return PruneConfig.from_dict(base).validate()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +109,7 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
         if id(module) in inside:
             continue
         for tensors in (module._parameters, module._buffers):
-            for key, t in tensors.items():
+            for t in tensors.values():
                 if t is not None and t.device != device:
                     t.data = t.data.to(device)
 
@@ -143,7 +142,10 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
         return hidden, calls
 
     # Learn the block output structure (a tensor in transformers 5, a tuple before) from block 0.
+    home = next(blocks[0].parameters()).device
+    blocks[0].to(device)
     sample = blocks[0](hidden[0], *calls[0][0].args, **calls[0][0].kwargs)
+    blocks[0].to(home)
     as_tuple = isinstance(sample, (tuple, list))
     del sample
 
@@ -190,8 +192,13 @@ def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8, device: 
     dev = torch.device(device)
     hidden, calls = capture(model, blocks, ids, batch_size, dev)
     for block, block_calls in zip(blocks, calls):
-        hidden = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, block_calls)]
+        hidden = _run_block(block, hidden, block_calls)
     return torch.cat(hidden)
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[_Call]) -> list[torch.Tensor]:
+    """Run one block on every calibration batch with the arguments recorded for it."""
+    return [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls)]
 
 
 def _prune_linear(module: nn.Module, metric: Entry, params: dict[str, Any], stats: LayerStats | None,
@@ -240,7 +247,6 @@ def prune_model(
     device: str = "cpu",
     blocks_path: str | None = None,
     progress: bool = True,
-    on_block: Callable[[int, list[LayerResult]], None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place. ``allocation`` maps every linear layer's full name to its sparsity."""
     start = time.perf_counter()
@@ -251,6 +257,8 @@ def prune_model(
     needs_data = bool(entry.needs)
     if needs_data and calib is None:
         raise ValueError(f"metric '{metric}' needs calibration data")
+    if mode not in ("two-pass", "single-pass") or propagate not in ("pruned", "dense"):
+        raise ValueError(f"unknown mode/propagate '{mode}'/'{propagate}'")
     timings: dict[str, float] = {}
     results: list[LayerResult] = []
 
@@ -265,6 +273,7 @@ def prune_model(
             _move_outside_blocks(model, blocks, torch.device("cpu"))
         timings["capture_s"] = time.perf_counter() - t0
 
+    last_sub: str | None = None  # name (inside a block) of the last linear layer to run
     bar = tqdm(range(len(blocks)), desc=f"{metric} {mode}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
@@ -281,7 +290,7 @@ def prune_model(
             handles = [m.register_forward_pre_hook(_prune_on_first_input(name, stats, zeros, entry, params, allocation, pattern))
                        for name, m in linears]
             try:
-                hidden = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+                hidden = _run_block(block, hidden, calls[i])
             finally:
                 for h in handles:
                     h.remove()
@@ -289,13 +298,18 @@ def prune_model(
             if missing:
                 raise RuntimeError(f"{missing[0]} received no calibration input; cannot compute '{metric}' statistics")
         else:
-            memo = _SharedInput()
-            handles = [m.register_forward_pre_hook(_collect(stats[name], memo)) for name, m in linears]
+            # Outputs of the dense block are needed only for dense propagation; otherwise each
+            # forward stops right after the last linear layer has seen its input.
+            need_outputs = propagate == "dense" or last_sub is None
+            collector = _StatsCollector(stats, None if need_outputs else f"{path}.{i}.{last_sub}")
+            handles = [m.register_forward_pre_hook(collector.hook(name)) for name, m in linears]
             try:
-                outs = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+                outs = collector.run(block, hidden, calls[i])
             finally:
                 for hd in handles:
                     hd.remove()
+            if last_sub is None:
+                last_sub = collector.last_layer(len(linears), f"{path}.{i}.")
             for name, module in linears:
                 st = stats[name]
                 if st.ntokens == 0:
@@ -303,39 +317,66 @@ def prune_model(
                 zeros[name] = _prune_linear(module, entry, params, st, allocation[name], pattern)
                 st.release()
             if propagate == "pruned":
-                outs = [_first(block(h, *c.args, **c.kwargs)) for h, c in zip(hidden, calls[i])]
+                outs = _run_block(block, hidden, calls[i])
             hidden = outs
         block.to(home)
         block_results = [
             LayerResult(name, i, tuple(weight_matrix(m).shape), allocation[name], zeros[name]) for name, m in linears
         ]
         results.extend(block_results)
-        if on_block:
-            on_block(i, block_results)
     timings["total_s"] = time.perf_counter() - start
     ntok = int(calib.numel()) if calib is not None and needs_data else 0
     return PruneResult(results, timings["total_s"], ntok, path, timings)
 
 
-class _SharedInput:
-    """Remembers the last input tensor, so q/k/v (and gate/up) share one statistics update."""
+class _StatsCollector:
+    """Forward pre-hooks that feed each linear layer's :class:`LayerStats`.
 
-    def __init__(self):
-        self.x: torch.Tensor | None = None
-        self.increments: dict[str, torch.Tensor] = {}
+    Layers that receive the same input tensor (q/k/v, gate/up) share one increment. With
+    ``stop_after`` set, every forward stops as soon as that layer has recorded its input: the
+    block's remaining work (its largest matmul among it) is skipped when its outputs are unused.
+    """
 
+    def __init__(self, stats: dict[str, LayerStats], stop_after: str | None):
+        self.stats = stats
+        self.stop_after = stop_after
+        self.order: list[str] = []
+        self._x: torch.Tensor | None = None
+        self._increments: dict[str, torch.Tensor] = {}
 
-def _collect(stats: LayerStats, memo: _SharedInput):
-    def hook(module, args):
-        x = args[0]
-        if memo.x is not x:  # a new input tensor: drop the increments of the previous one
-            memo.x, memo.increments = x, {}
-        key = "gram" if stats.want_gram else "sq"
-        if key not in memo.increments:
-            memo.increments[key] = stats.increment(x)
-        stats.add_increment(x, memo.increments[key])
+    def hook(self, name: str):
+        def pre_hook(module, args):
+            x = args[0]
+            if self._x is not x:  # a new input tensor: drop the increments of the previous one
+                self._x, self._increments = x, {}
+            st = self.stats[name]
+            key = "gram" if st.want_gram else "sq"
+            if key not in self._increments:
+                self._increments[key] = st.increment(x)
+            st.add_increment(x, self._increments[key])
+            self.order.append(name)
+            if name == self.stop_after:
+                raise _Stop
 
-    return hook
+        return pre_hook
+
+    def run(self, block: nn.Module, hidden: list[torch.Tensor], calls: list[_Call]) -> list[torch.Tensor] | None:
+        if self.stop_after is None:
+            return _run_block(block, hidden, calls)
+        for h, c in zip(hidden, calls):
+            try:
+                block(h, *c.args, **c.kwargs)
+            except _Stop:
+                pass
+        self._x, self._increments = None, {}
+        return None
+
+    def last_layer(self, n_layers: int, prefix: str) -> str | None:
+        """The last linear layer to run in one forward, if every layer ran exactly once."""
+        first = self.order[:n_layers]
+        if len(first) < n_layers or len(set(first)) != n_layers or len(self.order) % n_layers:
+            return None
+        return first[-1][len(prefix):]
 
 
 def _prune_on_first_input(name, stats, zeros, entry, params, allocation, pattern):

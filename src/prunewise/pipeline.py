@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocation import Profile
 from .config import PruneConfig, default_cache_dir
 from .data import calibration_ids
-from .allocation import Profile
 from .engine import PruneResult, allocate, build_profile, prune_model
 from .errors import ConfigError
 from .evaluate import evaluate

@@ -57,7 +57,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
                 "SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new
             )
             damp = new
-    raise RuntimeError("SparseGPT: Cholesky factorisation failed even with damping %.3g" % damp)
+    raise RuntimeError(f"SparseGPT: Cholesky factorisation failed even with damping {damp:.3g}")
 
 
 @METRICS.register(
