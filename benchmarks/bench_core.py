@@ -44,6 +44,9 @@ PEERS = [("wanda", 0.5, "0:0"), ("sparsegpt", 0.5, "0:0"), ("wanda", 0.7, "0:0")
 
 def _setup():
     import prunewise as pw
+    from prunewise.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does
     from prunewise.config import default_cache_dir
     from prunewise.data import calibration_ids, load_text, tokenize
 

@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
     try:
         return commands[args.command](args)

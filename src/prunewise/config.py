@@ -52,7 +52,7 @@ class PruneConfig:
     seed: int = 0
     mode: str = "two-pass"
     propagate: str = "pruned"
-    batch_size: int = 8
+    batch_size: int = 1
     device: str = "cpu"
     dtype: str = "auto"
     blocks_path: str | None = None

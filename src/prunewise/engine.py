@@ -181,7 +181,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
 
 
 @torch.no_grad()
-def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu",
+def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1, device: str = "cpu",
            blocks_path: str | None = None) -> torch.Tensor:
     """The last block's outputs for ``ids``, computed block by block as the engine does.
 
@@ -243,7 +243,7 @@ def prune_model(
     pattern: Pattern,
     mode: str = "two-pass",
     propagate: str = "pruned",
-    batch_size: int = 8,
+    batch_size: int = 1,
     device: str = "cpu",
     blocks_path: str | None = None,
     progress: bool = True,

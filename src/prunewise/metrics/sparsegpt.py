@@ -105,26 +105,25 @@ def solve(
 
     for i1, count in zip(starts, block_counts):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
-        err1 = torch.zeros_like(w1)
+        # Column-major copies: column i of the block is the contiguous row wt[i].
+        wt = w[:, i1:i2].t().contiguous()
         if pattern.is_nm:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            maskt = torch.zeros_like(wt, dtype=torch.bool)
         else:
-            mask1 = lowest_in_matrix(w1.square() / d.square().unsqueeze(0), count)
+            maskt = lowest_in_matrix(wt.square() / d.square().unsqueeze(1), count)
+        scale = maskt / d.unsqueeze(1)  # err_i = w_i * mask_i / U_ii
+        errt = torch.empty_like(wt)
         for i in range(i2 - i1):
             if n and i % m == 0:
-                tmp = w1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, :n]
-                mask1[:, i : i + m].scatter_(1, idx, True)
-            col = w1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(col), col)
-            e = (col - q) / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q  # exact zeros where pruned, untouched by rounding
-            err1[:, i] = e
-        w[:, i1:i2] = w1
+                tmp = wt[i : i + m].square() / d[i : i + m].square().unsqueeze(1)
+                idx = torch.sort(tmp, dim=0, stable=True).indices[:n]
+                maskt[i : i + m].scatter_(0, idx, True)
+                scale[i : i + m] = maskt[i : i + m] / d[i : i + m].unsqueeze(1)
+            e = torch.mul(wt[i], scale[i], out=errt[i])
+            wt[i:].addr_(u1[i, i:], e, alpha=-1.0)  # OBS update of this and later columns
+        w[:, i1:i2] = wt.masked_fill_(maskt, 0.0).t()  # pruned entries exactly zero
         if i2 < cols:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            w[:, i2:] -= errt.t() @ u[i1:i2, i2:]
     return w.to(weight.dtype)
