@@ -25,6 +25,7 @@ NSAMPLES, SEQLEN, EVAL_TOKENS = 32, 512, 32768
 
 OURS = [
     ("magnitude", 0.5, "unstructured", "two-pass"),
+    ("magnitude", 0.5, "unstructured:group=row", "two-pass"),
     ("magnitude", 0.7, "unstructured", "two-pass"),
     ("magnitude", None, "2:4", "two-pass"),
     ("wanda", 0.5, "unstructured", "two-pass"),
@@ -80,7 +81,7 @@ def run_dense_pass() -> dict:
 
     pw, model, _, calib, test_ids = _setup()
     t0 = time.perf_counter()
-    replay(model, calib, batch_size=8)
+    replay(model, calib, batch_size=1)
     wall = time.perf_counter() - t0
     ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
     return {"tool": "prunewise", "metric": "dense-pass", "wall_s": round(wall, 2), "ppl": round(ppl, 3),
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/core.jsonl"))
     ap.add_argument("--llmc", help="python of a venv with llmcompressor installed")
     ap.add_argument("--only", help="one run: metric:sparsity:pattern:mode, dense, or peer:method:sparsity:structure")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--skip-ours", action="store_true")
     args = ap.parse_args()
     if args.only:

@@ -100,6 +100,14 @@ def test_dry_run_prints_allocation_and_writes_nothing(model_dir, text, tmp_path,
     assert not out.exists()
 
 
+def test_verbose_prints_every_layer(model_dir, text, tmp_path, capsys):
+    argv = args_for(model_dir, text, tmp_path / "v", "--metric", "magnitude", "--sparsity", "0.25")
+    argv[argv.index("-q")] = "-v"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.2.mlp.down_proj" in out and out.count("0.2500") >= 2 * 21
+
+
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -120,6 +128,9 @@ BAD = [
     (["--seqlen", "3000", "--nsamples", "1"], "exceeds the model's context"),
     (["--blocks-path", "model.nope"], "blocks_path"),
     (["--mode", "single-pass", "--propagate", "dense"], "single-pass mode always propagates"),
+    (["--device", "tpu"], "device: must be 'cpu' or 'cuda[:N]'"),
+    (["--calib", "c4"], "c4"),
+    (["--calib", "nowhere"], "data: unknown source 'nowhere'"),
 ]
 
 
@@ -142,6 +153,7 @@ def test_bad_data_and_model(model_dir, text, tmp_path, capsys):
         (args_for(model_dir, tmp_path / "none.txt", out), "no such file or folder"),
         (args_for(tmp_path / "missing_model", text, out), "no such folder or file"),
         (args_for(tmp_path, text, out), "not a Hugging Face model folder"),
+        (args_for(tmp_path / "m.gguf", text, out), "no such .gguf file"),
         (args_for(model_dir, text, out, "--eval-data", f"file:{short}"), "fewer than one window"),
     ]
     for argv, message in cases:
@@ -167,3 +179,12 @@ def test_console_script_exit_code_no_traceback(model_dir):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "prunewise: error: sparsity: must be in [0, 1), got 2.0"
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PRUNEWISE_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "prunewise.cli", "eval", "--model", "some-org/some-model"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prunewise: error: model: cannot load 'some-org/some-model'")

@@ -170,7 +170,7 @@ def test_two_pass_matches_full_forward_reference(arch, calib):
     for block in blocks:
         sums, handles = {}, []
         for name, m in block_linears(block):
-            def hook(mod, args, name=name):
+            def hook(mod, args, name=name, sums=sums):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] = sums.get(name, 0) + x.square().sum(0)
             handles.append(m.register_forward_pre_hook(hook))

@@ -118,6 +118,13 @@ def _block_table(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _layer_table(layers: list[dict]) -> str:
+    lines = [f"{'layer':<40} {'shape':>12} {'target':>8} {'achieved':>9}"]
+    for x in layers:
+        lines.append(f"{x['name']:<40} {'x'.join(map(str, x['shape'])):>12} {x['target']:>8.4f} {x['achieved']:>9.4f}")
+    return "\n".join(lines)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
 
@@ -131,7 +138,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(_block_table(layers))
         return 0
     pr = rec["pruning"]
-    if not args.quiet:
+    if args.verbose:
+        print(_layer_table(pr["layers"]))
+    elif not args.quiet:
         print(_block_table(pr["layers"]))
     print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
           f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}) in {pr['wall_s']:.1f} s, "
@@ -146,6 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .io import RECORD, read_record
     from .models import load_model
+    from .pipeline import check_context
 
     record = None
     path = Path(args.model).expanduser()
@@ -161,6 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kw = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
               cache_dir=args.cache_dir or default_cache_dir(), progress=not args.quiet)
     model, tok, _ = load_model(args.model, args.dtype, args.cache_dir)
+    check_context(model, "seqlen", seqlen)
     if args.device != "cpu":
         model.to(args.device)
     result = evaluate(model, tok, args.data, seqlen, **kw)
@@ -170,9 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dense = record.get("dense")
         same = dense and all(dense.get(k) == result[k] for k in ("data", "split", "seqlen", "tokens"))
         if not same:
-            src = record.get("source", {}).get("path") or record["config"]["model"]
-            if record.get("source", {}).get("kind") == "bundled":
-                src = record["config"]["model"]
+            source = record.get("source", {})
+            src = source["path"] if source.get("kind") in ("folder", "gguf") else record["config"]["model"]
             dmodel, dtok, _ = load_model(src, args.dtype, args.cache_dir)
             if args.device != "cpu":
                 dmodel.to(args.device)

@@ -120,6 +120,10 @@ class PruneConfig:
             "device",
             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+        if self.device.startswith("cuda"):
+            import torch
+
+            need(torch.cuda.is_available(), "device", f"'{self.device}' requested but CUDA is not available; use --device cpu")
         if self.mode == "single-pass":
             need(self.propagate == "pruned", "propagate", "single-pass mode always propagates through the pruned block")
         if self.eval_seqlen is not None:

@@ -141,13 +141,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
     if len(blocks) == 1:
         return hidden, calls
 
-    # Learn the block output structure (a tensor in transformers 5, a tuple before) from block 0.
-    home = next(blocks[0].parameters()).device
-    blocks[0].to(device)
-    sample = blocks[0](hidden[0], *calls[0][0].args, **calls[0][0].kwargs)
-    blocks[0].to(home)
-    as_tuple = isinstance(sample, (tuple, list))
-    del sample
+    as_tuple = _output_is_tuple(base, blocks[0], ids[:1, :2], device)
 
     # Pass 2: every other block's arguments, with the blocks replaced by identity recorders.
     class Recorder(nn.Module):
@@ -178,6 +172,27 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
         for i, block in enumerate(originals):
             blocks[i] = block
     return hidden, calls
+
+
+def _output_is_tuple(base: nn.Module, block: nn.Module, probe: torch.Tensor, device: torch.device) -> bool:
+    """Whether a block returns a tuple (transformers < 5) or a tensor, from a 2-token probe."""
+    seen: list[bool] = []
+
+    def grab_output(module, args, output):
+        seen.append(isinstance(output, (tuple, list)))
+        raise _Stop
+
+    home = next(block.parameters()).device
+    block.to(device)
+    handle = block.register_forward_hook(grab_output)
+    try:
+        base(input_ids=probe.to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+        block.to(home)
+    return bool(seen and seen[0])
 
 
 @torch.no_grad()

@@ -19,21 +19,27 @@ from .errors import ConfigError
 from .evaluate import evaluate
 from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
 from .models import find_blocks, load_model, max_context
-from .registry import METRICS
+from .registry import ALLOCATORS, METRICS
+from .spectra import layer_eigenvalues
 
 log = logging.getLogger(__name__)
 
 
-def plan(model: nn.Module, config: PruneConfig) -> dict[str, float]:
+def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None) -> dict[str, float]:
     """The per-layer sparsity targets ``{linear name: sparsity}`` for ``model`` (no pruning)."""
-    return _plan(model, config)[1]
+    return _plan(model, config, cache_dir)[1]
 
 
-def _plan(model: nn.Module, config: PruneConfig) -> tuple[Profile, dict[str, float]]:
+def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None) -> tuple[Profile, dict[str, float]]:
     config.validate()
     path, blocks = find_blocks(model, config.blocks_path)
     profile = build_profile(path, blocks)
     name, params = config.allocator_spec
+    for need in ALLOCATORS.get(name).needs:
+        if need == "eigenvalues":
+            profile.stats[need] = layer_eigenvalues(model, profile, cache_dir or default_cache_dir())
+        else:
+            raise ValueError(f"allocator '{name}' needs '{need}', which prunewise cannot compute yet")
     return profile, allocate(name, params, profile, config.target)
 
 
@@ -49,12 +55,18 @@ def prune(
     config: PruneConfig,
     *,
     calib: torch.Tensor | None = None,
+    allocation: dict[str, float] | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> PruneResult:
-    """Prune ``model`` in place following ``config``; ``calib`` ([n, seqlen] ids) overrides ``config.calib``."""
+    """Prune ``model`` in place following ``config``.
+
+    ``calib`` ([n, seqlen] token ids) replaces the calibration set of ``config``; ``allocation``
+    (from :func:`plan`) replaces the allocator's per-layer targets.
+    """
     config.validate()
-    allocation = plan(model, config)
+    if allocation is None:
+        allocation = plan(model, config, cache_dir)
     metric, params = config.metric_spec
     needs_data = bool(METRICS.get(metric).needs)
     if needs_data:
@@ -102,7 +114,8 @@ def run(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     t_start = time.perf_counter()
     model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
-    if METRICS.get(config.metric_spec[0]).needs:
+    needs_data = bool(METRICS.get(config.metric_spec[0]).needs)
+    if needs_data:
         check_context(model, "seqlen", config.seqlen)
     if config.eval_data:
         check_context(model, "eval_seqlen", config.eval_seqlen or config.seqlen)
@@ -111,21 +124,25 @@ def run(
         "source": {"kind": source.kind, "path": source.path},
         "versions": versions(),
     }
+    profile, allocation = _plan(model, config, cache_dir)
     if dry_run:
-        profile, allocation = _plan(model, config)
         record["allocation"] = [
             {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}
             for x in profile.layers
         ]
         return RunOutput(record, model, tokenizer, None)
 
+    # Calibration data before the dense evaluation: a bad source fails before any long work.
+    calib = None
+    if needs_data:
+        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
     eval_kwargs = dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens,
                        device=config.device, cache_dir=cache_dir, progress=progress)
     if config.eval_data:
         record["dense"] = _evaluate_on(model, tokenizer, config, eval_kwargs)
         log.info("dense perplexity %.3f", record["dense"]["ppl"])
     t_prune = time.perf_counter()
-    result = prune(model, tokenizer, config, cache_dir=cache_dir, progress=progress)
+    result = prune(model, tokenizer, config, calib=calib, allocation=allocation, progress=progress)
     prune_s = time.perf_counter() - t_prune
     record["pruning"] = {
         "blocks_path": result.blocks_path,

@@ -28,7 +28,9 @@ class LayerStats:
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """What one input adds: ``x^T x`` (Hessian) or the column sums of ``x^2``, in float32."""
         x2 = x.detach().reshape(-1, self.in_features).float()
-        return x2.t() @ x2 if self.want_gram else x2.square().sum(0)
+        if self.want_gram:
+            return x2.t() @ x2
+        return torch.linalg.vector_norm(x2, dim=0).square_()  # no [tokens, C_in] temporary
 
     def add_increment(self, x: torch.Tensor, inc: torch.Tensor) -> None:
         """Account for input ``x`` whose :meth:`increment` is ``inc`` (shared by layers with one input)."""

@@ -41,6 +41,42 @@ def weighted_mean(profile: Profile, allocation: dict[str, float]) -> float:
     return sum(allocation[layer.name] * layer.numel for layer in profile.layers) / total
 
 
+def clamp_to_budget(values: dict[str, float], profile: Profile, target: float,
+                    low: float = 0.0, high: float = 0.99) -> dict[str, float]:
+    """Clamp ``values`` to ``[low, high]`` and rescale the unclamped ones so that the
+    parameter-weighted mean stays ``target`` (the mass cut by clamping is redistributed).
+
+    Raises ``ValueError`` if the target cannot be met inside the bounds.
+    """
+    numel = {layer.name: layer.numel for layer in profile.layers}
+    total = sum(numel.values())
+    if not low * total <= target * total <= high * total + 1e-12:
+        raise ValueError(f"target {target} is outside the clamp range [{low}, {high}]")
+    out = dict(values)
+    fixed: dict[str, float] = {}
+    for _ in range(len(out) + 1):
+        free = {k: v for k, v in out.items() if k not in fixed}
+        budget = target * total - sum(fixed[k] * numel[k] for k in fixed)
+        mass = sum(v * numel[k] for k, v in free.items())
+        if not free:
+            break
+        scale = budget / mass if mass > 0 else 0.0
+        if mass <= 0:  # nothing to scale: spread the budget evenly over the free layers
+            even = budget / sum(numel[k] for k in free)
+            out.update({k: even for k in free})
+        else:
+            out.update({k: v * scale for k, v in free.items()})
+        over = {k: high for k in free if out[k] > high}
+        under = {k: low for k in free if out[k] < low}
+        if not over and not under:
+            break
+        fixed.update(over)
+        fixed.update(under)
+        out.update(over)
+        out.update(under)
+    return out
+
+
 def check_allocation(name: str, profile: Profile, allocation: dict[str, float], target: float) -> None:
     """Raise :class:`PrunewiseError` naming the allocator if ``allocation`` breaks the contract."""
     expected = {layer.name for layer in profile.layers}
@@ -61,4 +97,4 @@ def check_allocation(name: str, profile: Profile, allocation: dict[str, float], 
         )
 
 
-from . import uniform  # noqa: E402,F401  (registration side effects)
+from . import alphapruning, uniform  # noqa: E402,F401  (registration side effects)
