@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from prunewise.errors import ConfigError
 from prunewise.masks import (
     Pattern,
+    lowest_in_matrix,
     lowest_per_row,
     make_mask,
     nm_mask,
@@ -125,3 +126,21 @@ def test_nm_exactly_n_per_group(n, extra, rows, groups, seed):
 def test_sparsity_out_of_range():
     with pytest.raises(ValueError):
         unstructured_mask(torch.rand(2, 2), 1.0, "row")
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 7), cols=st.integers(1, 40), levels=st.integers(1, 5), seed=st.integers(0, 10_000),
+       data=st.data())
+def test_selection_equals_stable_sort(rows, cols, levels, seed, data):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (rows, cols), generator=g).float()
+    counts = torch.tensor(data.draw(st.lists(st.integers(0, cols), min_size=rows, max_size=rows)))
+    order = torch.sort(scores, dim=1, stable=True).indices
+    expect = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(rows):
+        expect[r, order[r, : counts[r]]] = True
+    assert torch.equal(lowest_per_row(scores, counts), expect)
+    k = data.draw(st.integers(0, rows * cols))
+    flat = torch.zeros(rows * cols, dtype=torch.bool)
+    flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
+    assert torch.equal(lowest_in_matrix(scores, k), flat.view(rows, cols))

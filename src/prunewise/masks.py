@@ -1,9 +1,9 @@
 """Exact-count prune masks: per output row, per whole matrix, and N:M.
 
-Every selector returns a boolean *prune* mask (``True`` = the weight is set to zero) and picks
-weights by index after a stable sort of the scores, never by a ``<=`` threshold: dequantized
-weights tie massively, and a threshold would over-prune. Ties are broken by position, so the
-result is deterministic.
+Every selector returns a boolean *prune* mask (``True`` = the weight is set to zero) with an exact
+count, never by a bare ``<=`` threshold: dequantized weights tie massively, and a threshold would
+over-prune. Ties at the cut are broken by position (earlier index first), exactly the set a stable
+sort would select, found in linear time with ``kthvalue``; the result is deterministic.
 
 Counts are exact integers. A matrix of ``n`` weights at sparsity ``s`` loses
 ``target_count(s, n) = floor(s * n + 1/2)`` weights; when those are spread over ``g`` equal groups
@@ -92,21 +92,40 @@ def spread_counts(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask the ``k`` lowest scores of every row; ties at the cut go to the lowest indices.
+
+    The same set a stable sort would pick, found in linear time: everything strictly below the
+    row's k-th smallest value, then the first entries equal to it.
+    """
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    tie = scores == kth
+    need = k - below.sum(1, keepdim=True)
+    return below | (tie & (tie.cumsum(1) <= need))
+
+
 def lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mask the ``counts[r]`` lowest scores of every row ``r`` (stable: earlier index first on ties)."""
-    order = torch.sort(scores, dim=1, stable=True).indices
-    ranks = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
-    chosen = ranks < counts.to(scores.device).unsqueeze(1)
-    return torch.zeros_like(chosen).scatter_(1, order, chosen)
+    """Mask the ``counts[r]`` lowest scores of every row ``r`` (ties: earlier index first)."""
+    counts = counts.to(scores.device)
+    values = torch.unique(counts)
+    if values.numel() == 1:
+        return _lowest_k(scores, int(values))
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for k in values.tolist():
+        rows = counts == k
+        mask[rows] = _lowest_k(scores[rows], k)
+    return mask
 
 
 def lowest_in_matrix(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask the ``count`` lowest scores of the whole tensor."""
-    flat = scores.reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    if count > 0:
-        mask[torch.sort(flat, stable=True).indices[:count]] = True
-    return mask.view_as(scores)
+    """Mask the ``count`` lowest scores of the whole tensor (ties: earlier flat index first)."""
+    return _lowest_k(scores.reshape(1, -1), count).view_as(scores)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ class LayerStats:
         x2 = x.detach().reshape(-1, self.in_features).float()
         if self.want_gram:
             return x2.t() @ x2
-        return torch.linalg.vector_norm(x2, dim=0).square_()  # no [tokens, C_in] temporary
+        return x2.square().sum(0)
 
     def add_increment(self, x: torch.Tensor, inc: torch.Tensor) -> None:
         """Account for input ``x`` whose :meth:`increment` is ``inc`` (shared by layers with one input)."""
