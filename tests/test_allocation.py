@@ -3,8 +3,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunewise.allocation import LayerInfo, Profile, check_allocation, clamp_to_budget, weighted_mean
-from prunewise.allocation import alphapruning, uniform
+from prunewise.allocation import (
+    LayerInfo,
+    Profile,
+    alphapruning,
+    check_allocation,
+    clamp_to_budget,
+    uniform,
+    weighted_mean,
+)
 from prunewise.allocation.esd import alpha_hill, candidates_for, eigenvalues
 from prunewise.errors import PrunewiseError
 

@@ -132,10 +132,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
     handle = blocks[0].register_forward_pre_hook(grab_first, with_kwargs=True)
     try:
         for batch in batches:
-            try:
-                base(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+            _forward_until_stop(base, batch, device)
     finally:
         handle.remove()
     if len(blocks) == 1:
@@ -174,6 +171,14 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
     return hidden, calls
 
 
+def _forward_until_stop(base: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
+    """Run the base model on ``ids`` until a hook raises :class:`_Stop` (or to the end)."""
+    try:
+        base(input_ids=ids.to(device), use_cache=False)
+    except _Stop:
+        pass
+
+
 def _output_is_tuple(base: nn.Module, block: nn.Module, probe: torch.Tensor, device: torch.device) -> bool:
     """Whether a block returns a tuple (transformers < 5) or a tensor, from a 2-token probe."""
     seen: list[bool] = []
@@ -186,9 +191,7 @@ def _output_is_tuple(base: nn.Module, block: nn.Module, probe: torch.Tensor, dev
     block.to(device)
     handle = block.register_forward_hook(grab_output)
     try:
-        base(input_ids=probe.to(device), use_cache=False)
-    except _Stop:
-        pass
+        _forward_until_stop(base, probe, device)
     finally:
         handle.remove()
         block.to(home)
