@@ -103,7 +103,6 @@ def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
         pruned, _, _ = pw.load_model(str(out))
         ppl = pw.perplexity(pruned, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
-        from prunewise.io import mask_digest  # noqa: F401
 
         zeros = total = 0
         from prunewise.models import block_linears, find_blocks, weight_matrix
