@@ -132,8 +132,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
                  progress=not args.quiet, dry_run=args.dry_run)
     rec = output.record
+    search = rec["allocation"].get("search")
+    if search:
+        best = min(c["ppl"] for c in search["curve"])
+        print(f"{config.allocator_spec[0]}: {search['parameter']}={search['chosen']:g} chosen from {len(search['curve'])} "
+              f"trials by perplexity on {search['heldout']['windows']} held-out calibration windows "
+              f"({best:.3f}; {search['wall_s']:.1f} s)")
     if args.dry_run:
-        layers = rec["allocation"]
+        layers = rec["allocation"]["layers"]
         print(f"allocation '{config.allocator}' at target {config.target:g} ({len(layers)} layers):")
         print(_block_table(layers))
         return 0

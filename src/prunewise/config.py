@@ -105,8 +105,12 @@ class PruneConfig:
                 )
         if pat.group and METRICS.get(metric_name).extra.get("kind") == "solver":
             raise ConfigError(f"pattern: '{metric_name}' chooses its own comparison groups; use plain 'unstructured'")
-        if pat.is_nm and alloc_name != "uniform":
-            raise ConfigError(f"allocator: '{alloc_name}' needs an unstructured pattern (N:M allocation is not supported)")
+        if pat.is_nm and not ALLOCATORS.get(alloc_name).extra.get("nm"):
+            nm = [e.name for e in ALLOCATORS if e.extra.get("nm")]
+            raise ConfigError(
+                f"allocator: '{alloc_name}' needs an unstructured pattern; with N:M use one of {', '.join(nm)} "
+                "(uniform, or mixed N:M per block)"
+            )
         for field in ("nsamples", "seqlen", "batch_size"):
             value = getattr(self, field)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, f"must be an integer >= 1, got {value!r}")

@@ -147,32 +147,66 @@ def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tenso
     return ids
 
 
-def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``[nsamples, seqlen]`` windows at seeded random offsets of one token stream."""
+def _window_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[int]:
     if ids.numel() <= seqlen + 1:
         raise PrunewiseError(
             f"data: the calibration text has {ids.numel()} tokens; windows of {seqlen} need more than {seqlen + 1}"
         )
     rng = random.Random(seed)
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
+    return [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
 
 
-def sample_documents(tokenizer, documents, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """The Wanda/SparseGPT C4 sampler: random document with more than ``seqlen`` tokens, random offset."""
-    rng = random.Random(seed)
-    out = []
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows at seeded random offsets of one token stream."""
+    return torch.stack([ids[s : s + seqlen] for s in _window_starts(ids, nsamples, seqlen, seed)])
+
+
+def _heldout_rng(seed: int) -> random.Random:
+    return random.Random(f"prunewise-heldout-{seed}")
+
+
+def heldout_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, count: int) -> torch.Tensor:
+    """``[count, seqlen]`` windows of ``ids`` that overlap none of the calibration windows
+    ``sample_windows(ids, nsamples, seqlen, seed)`` (nor each other)."""
+    taken = sorted(_window_starts(ids, nsamples, seqlen, seed))
+    rng = _heldout_rng(seed)
+    out: list[int] = []
+    for _attempt in range(100 * count + 1000):
+        if len(out) == count:
+            break
+        s = rng.randint(0, ids.numel() - seqlen - 1)
+        if all(abs(s - t) >= seqlen for t in taken + out):
+            out.append(s)
+    if len(out) < count:
+        raise PrunewiseError(
+            f"data: the calibration text ({ids.numel()} tokens) has no room for {count} held-out windows of "
+            f"{seqlen} tokens beside {nsamples} calibration windows; use fewer held-out windows or more text"
+        )
+    return torch.stack([ids[s : s + seqlen] for s in out])
+
+
+def _sample_documents(tokenizer, documents, nsamples: int, seqlen: int, rng: random.Random,
+                      exclude: set[int]) -> tuple[torch.Tensor, set[int]]:
+    out, used = [], set()
     for _ in range(nsamples):
         for _attempt in range(10_000):
-            doc = documents[rng.randint(0, len(documents) - 1)]
-            ids = tokenizer(doc, add_special_tokens=True)["input_ids"]
+            index = rng.randint(0, len(documents) - 1)
+            if index in exclude:
+                continue
+            ids = tokenizer(documents[index], add_special_tokens=True)["input_ids"]
             if len(ids) > seqlen:
                 break
         else:
             raise PrunewiseError(f"data: no document longer than {seqlen} tokens found")
+        used.add(index)
         start = rng.randint(0, len(ids) - seqlen - 1)
         out.append(torch.tensor(ids[start : start + seqlen]))
-    return torch.stack(out)
+    return torch.stack(out), used
+
+
+def sample_documents(tokenizer, documents, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The Wanda/SparseGPT C4 sampler: random document with more than ``seqlen`` tokens, random offset."""
+    return _sample_documents(tokenizer, documents, nsamples, seqlen, random.Random(seed), set())[0]
 
 
 def calibration_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, cache_dir: Path | None = None) -> torch.Tensor:
@@ -181,3 +215,14 @@ def calibration_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: in
     if text.documents is not None:
         return sample_documents(tokenizer, text.documents, nsamples, seqlen, seed)
     return sample_windows(tokenize(tokenizer, text.text, cache_dir), nsamples, seqlen, seed)
+
+
+def heldout_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, count: int,
+                cache_dir: Path | None = None) -> torch.Tensor:
+    """``[count, seqlen]`` windows of the calibration text that the calibration set does not use:
+    what allocator searches (ATP's ``beta=auto``) are scored on, never the evaluation text."""
+    text = load_text(source, "calibration")
+    if text.documents is not None:
+        _, used = _sample_documents(tokenizer, text.documents, nsamples, seqlen, random.Random(seed), set())
+        return _sample_documents(tokenizer, text.documents, count, seqlen, _heldout_rng(seed), used)[0]
+    return heldout_windows(tokenize(tokenizer, text.text, cache_dir), nsamples, seqlen, seed, count)

@@ -221,8 +221,19 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[_Call])
 
 def _prune_linear(module: nn.Module, metric: Entry, params: dict[str, Any], stats: LayerStats | None,
                   sparsity: float, pattern: Pattern) -> int:
-    """Prune one linear layer in place; return its number of zero weights."""
+    """Prune one linear layer in place; return its number of zero weights.
+
+    With an N:M pattern the layer's own N is ``sparsity * M`` (mixed N:M allocations give blocks
+    different N); it must be a whole number.
+    """
     w = weight_matrix(module)
+    if pattern.is_nm:
+        n = round(sparsity * pattern.m)
+        if abs(n - sparsity * pattern.m) > 1e-6:
+            raise ValueError(f"sparsity {sparsity} is not a whole number of zeros per group of {pattern.m}")
+        if n == 0:
+            return int((w == 0).sum())
+        pattern = Pattern(n=n, m=pattern.m)
     if metric.extra.get("kind") == "solver":
         w.copy_(metric.fn(w, stats, sparsity, pattern, **params))
     else:
@@ -320,12 +331,7 @@ def prune_model(
             # forward stops right after the last linear layer has seen its input.
             need_outputs = propagate == "dense" or last_sub is None
             collector = _StatsCollector(stats, None if need_outputs else f"{path}.{i}.{last_sub}")
-            handles = [m.register_forward_pre_hook(collector.hook(name)) for name, m in linears]
-            try:
-                outs = collector.run(block, hidden, calls[i])
-            finally:
-                for hd in handles:
-                    hd.remove()
+            outs = collector.run(block, linears, hidden, calls[i])
             if last_sub is None:
                 last_sub = collector.last_layer(len(linears), f"{path}.{i}.")
             for name, module in linears:
@@ -345,6 +351,43 @@ def prune_model(
     timings["total_s"] = time.perf_counter() - start
     ntok = int(calib.numel()) if calib is not None and needs_data else 0
     return PruneResult(results, timings["total_s"], ntok, path, timings)
+
+
+@torch.no_grad()
+def dense_input_norms(
+    model: nn.Module,
+    calib: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Wanda's ``a_j`` of every linear layer of the *dense* model, propagated densely.
+
+    One calibration pass and no pruning: the statistics OWL's outlier ratios and MRP's static
+    redundancy are computed from (``{linear name: float32 [C_in]}``).
+    """
+    path, blocks = find_blocks(model, blocks_path)
+    dev = torch.device(device)
+    _move_outside_blocks(model, blocks, dev)
+    hidden, calls = capture(model, blocks, calib, batch_size, dev)
+    if dev.type != "cpu":
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    norms: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(blocks)), desc="dense statistics", unit="block", disable=not progress):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(dev)
+        linears = [(f"{path}.{i}.{sub}", m) for sub, m in block_linears(block)]
+        stats = {name: make_stats(("input_sq_norm",), weight_matrix(m).shape[1]) for name, m in linears}
+        hidden = _StatsCollector(stats, None).run(block, linears, hidden, calls[i])
+        block.to(home)
+        for name, st in stats.items():
+            if st.ntokens == 0:
+                raise RuntimeError(f"{name} received no calibration input")
+            norms[name] = st.input_norm().cpu()
+    return norms
 
 
 class _StatsCollector:
@@ -378,16 +421,23 @@ class _StatsCollector:
 
         return pre_hook
 
-    def run(self, block: nn.Module, hidden: list[torch.Tensor], calls: list[_Call]) -> list[torch.Tensor] | None:
-        if self.stop_after is None:
-            return _run_block(block, hidden, calls)
-        for h, c in zip(hidden, calls):
-            try:
-                block(h, *c.args, **c.kwargs)
-            except _Stop:
-                pass
-        self._x, self._increments = None, {}
-        return None
+    def run(self, block: nn.Module, linears: list[tuple[str, nn.Module]], hidden: list[torch.Tensor],
+            calls: list[_Call]) -> list[torch.Tensor] | None:
+        """Run ``block`` on every batch with the hooks on ``linears``; its outputs unless stopped early."""
+        handles = [m.register_forward_pre_hook(self.hook(name)) for name, m in linears]
+        try:
+            if self.stop_after is None:
+                return _run_block(block, hidden, calls)
+            for h, c in zip(hidden, calls):
+                try:
+                    block(h, *c.args, **c.kwargs)
+                except _Stop:
+                    pass
+            return None
+        finally:
+            for hd in handles:
+                hd.remove()
+            self._x, self._increments = None, {}
 
     def last_layer(self, n_layers: int, prefix: str) -> str | None:
         """The last linear layer to run in one forward, if every layer ran exactly once."""

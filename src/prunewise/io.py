@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import PrunewiseError
 from .models import block_linears, find_blocks, weight_matrix
+from .plots import PROFILE_PNG, plot_block_profile
 
 RECORD = "pruning.json"
 
@@ -72,6 +73,7 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
 
 
 def save_run(model: nn.Module, tokenizer, out: Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """Weights, tokenizer, ``pruning.json`` and the per-block profile plot, all or nothing."""
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +83,11 @@ def save_run(model: nn.Module, tokenizer, out: Path, record: dict[str, Any], ove
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_record(tmp / RECORD, record)
+        alloc = record.get("allocation")
+        if alloc:
+            cfg = record["config"]
+            plot_block_profile(alloc["blocks"], record["pruning"]["target"], tmp / PROFILE_PNG,
+                               f"{cfg['allocator']} / {cfg['metric']} / {cfg['pattern']}", alloc.get("search"))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

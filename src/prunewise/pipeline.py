@@ -10,37 +10,151 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .allocation import Profile
+from .allocation import Profile, block_profile
 from .config import PruneConfig, default_cache_dir
-from .data import calibration_ids
-from .engine import PruneResult, allocate, build_profile, prune_model
+from .data import calibration_ids, heldout_ids
+from .engine import PruneResult, allocate, build_profile, dense_input_norms, prune_model
 from .errors import ConfigError
-from .evaluate import evaluate
+from .evaluate import evaluate, needs_bos, perplexity
 from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
-from .models import find_blocks, load_model, max_context
+from .models import find_blocks, load_model, max_context, weight_matrix
 from .registry import ALLOCATORS, METRICS
 from .spectra import layer_eigenvalues
+from .statcache import cached, fingerprint, model_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None) -> dict[str, float]:
-    """The per-layer sparsity targets ``{linear name: sparsity}`` for ``model`` (no pruning)."""
-    return _plan(model, config, cache_dir)[1]
+@dataclass
+class Plan:
+    """The per-layer targets of a run and how they were found."""
+
+    profile: Profile
+    allocation: dict[str, float]
+    search: dict[str, Any] | None = None  # an allocator's hyper-parameter search (ATP's beta=auto)
+    wall_s: float = 0.0
 
 
-def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None) -> tuple[Profile, dict[str, float]]:
-    config.validate()
-    path, blocks = find_blocks(model, config.blocks_path)
-    profile = build_profile(path, blocks)
+def allocator_needs(config: PruneConfig) -> tuple[str, ...]:
+    """The statistics the configured allocator needs (some depend on its parameters and the metric)."""
     name, params = config.allocator_spec
-    for need in ALLOCATORS.get(name).needs:
+    entry = ALLOCATORS.get(name)
+    needs_for = entry.extra.get("needs_for")
+    return tuple(needs_for(params, config.metric_spec[0])) if needs_for else entry.needs
+
+
+def needs_calibration(config: PruneConfig) -> bool:
+    """Whether the run reads calibration data (for its metric or its allocator)."""
+    return bool(METRICS.get(config.metric_spec[0]).needs) or "input_norms" in allocator_needs(config)
+
+
+def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
+         calib: torch.Tensor | None = None, progress: bool = True) -> dict[str, float]:
+    """The per-layer sparsity targets ``{linear name: sparsity}`` for ``model`` (the model is left as it was).
+
+    Allocators that read calibration data (OWL, MRP with Wanda scores, ATP's beta search) need
+    ``tokenizer`` or ``calib``.
+    """
+    return _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress).allocation
+
+
+def _profile_stats(model: nn.Module, config: PruneConfig, profile: Profile, cache_dir: Path,
+                   calib: torch.Tensor | None, progress: bool) -> None:
+    name = config.allocator_spec[0]
+    for need in allocator_needs(config):
         if need == "eigenvalues":
-            profile.stats[need] = layer_eigenvalues(model, profile, cache_dir or default_cache_dir())
+            profile.stats[need] = layer_eigenvalues(model, profile, cache_dir, progress)
+        elif need == "weights":
+            profile.stats[need] = {x.name: weight_matrix(model.get_submodule(x.name)) for x in profile.layers}
+        elif need == "input_norms":
+            if calib is None:
+                raise ValueError(f"allocator '{name}' needs calibration data (pass a tokenizer or calib)")
+            key = fingerprint(calib, extra=f"{model_fingerprint(model)}:{config.blocks_path}")
+            profile.stats[need] = cached(cache_dir, "input_norms", key, lambda: dense_input_norms(
+                model, calib, batch_size=config.batch_size, device=config.device,
+                blocks_path=config.blocks_path, progress=progress))
         else:
             raise ValueError(f"allocator '{name}' needs '{need}', which prunewise cannot compute yet")
-    return profile, allocate(name, params, profile, config.target)
+
+
+def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
+          calib: torch.Tensor | None = None, progress: bool = True) -> Plan:
+    config.validate()
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    path, blocks = find_blocks(model, config.blocks_path)
+    profile = build_profile(path, blocks)
+    profile.metric = config.metric_spec[0]
+    profile.pattern = config.pattern_obj
+    name, params = config.allocator_spec
+    entry = ALLOCATORS.get(name)
+    searched = entry.extra.get("search")
+    search_needed = searched is not None and entry.bind(params).get(searched) == "auto"
+    if calib is None and (needs_calibration(config) or search_needed):
+        if tokenizer is None:
+            raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data (pass a tokenizer or calib)")
+        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+    _profile_stats(model, config, profile, cache_dir, calib, progress)
+    search = None
+    if search_needed:
+        params, search = _search(model, tokenizer, config, profile, calib, cache_dir, progress)
+    allocation = allocate(name, params, profile, config.target)
+    return Plan(profile, allocation, search, time.perf_counter() - start)
+
+
+def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
+            cache_dir: Path, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Grid-search an allocator's ``auto`` hyper-parameter by perplexity on held-out calibration text.
+
+    Every candidate prunes the model exactly as the run will (same metric, pattern, mode and
+    calibration set); the weights of the prunable layers are restored after each trial. The
+    candidate ``0`` (uniform) is always scored, so the search never does worse than uniform on
+    the held-out text.
+    """
+    from .allocation.atp import beta_grid
+
+    name, params = config.allocator_spec
+    bound = ALLOCATORS.get(name).bind(params)
+    if tokenizer is None:
+        raise ValueError(f"allocator '{name}': the search needs the tokenizer to read held-out text")
+    heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                          bound["heldout"], cache_dir)
+    grid = [0.0] + beta_grid(profile, config.target, bound["step"])
+    backup = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
+    curve = []
+    start = time.perf_counter()
+    bar = tqdm(grid, desc=f"{name} search", unit="trial", disable=not progress)
+    try:
+        for beta in bar:
+            trial = {**bound, "beta": beta}
+            allocation = allocate(name, trial, profile, config.target)
+            prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir, progress=False)
+            was_training = model.training
+            model.eval()
+            ppl = perplexity(model, heldout.reshape(-1), config.seqlen, device=config.device,
+                             bos_id=needs_bos(model, tokenizer), progress=False)["ppl"]
+            model.train(was_training)
+            curve.append({"beta": beta, "ppl": ppl})
+            bar.set_postfix(beta=f"{beta:.4f}", ppl=f"{ppl:.3f}")
+            _restore(model, backup)
+    finally:
+        _restore(model, backup)
+    best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
+    log.info("%s: beta=%g chosen (held-out ppl %.3f over %d trials)", name, best["beta"], best["ppl"], len(curve))
+    record = {
+        "parameter": "beta", "chosen": best["beta"], "criterion": "perplexity on held-out calibration windows",
+        "heldout": {"data": config.calib, "windows": int(heldout.shape[0]), "seqlen": config.seqlen},
+        "curve": curve, "wall_s": time.perf_counter() - start,
+    }
+    return {**bound, "beta": best["beta"]}, record
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    for name, w in weights.items():
+        weight_matrix(model.get_submodule(name)).copy_(w)
 
 
 def check_context(model: nn.Module, field: str, value: int | None) -> None:
@@ -65,15 +179,15 @@ def prune(
     (from :func:`plan`) replaces the allocator's per-layer targets.
     """
     config.validate()
-    if allocation is None:
-        allocation = plan(model, config, cache_dir)
     metric, params = config.metric_spec
     needs_data = bool(METRICS.get(metric).needs)
-    if needs_data:
+    if needs_data or needs_calibration(config):
         check_context(model, "seqlen", config.seqlen if calib is None else calib.shape[1])
-    if calib is None and needs_data:
+    if calib is None and (needs_data or (allocation is None and needs_calibration(config))):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                 cache_dir or default_cache_dir())
+    if allocation is None:
+        allocation = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
     return prune_model(
         model, calib, metric=metric, metric_params=params, allocation=allocation, pattern=config.pattern_obj,
         mode=config.mode, propagate=config.propagate, batch_size=config.batch_size, device=config.device,
@@ -114,7 +228,7 @@ def run(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     t_start = time.perf_counter()
     model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
-    needs_data = bool(METRICS.get(config.metric_spec[0]).needs)
+    needs_data = needs_calibration(config)
     if needs_data:
         check_context(model, "seqlen", config.seqlen)
     if config.eval_data:
@@ -124,18 +238,24 @@ def run(
         "source": {"kind": source.kind, "path": source.path},
         "versions": versions(),
     }
-    profile, allocation = _plan(model, config, cache_dir)
-    if dry_run:
-        record["allocation"] = [
-            {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}
-            for x in profile.layers
-        ]
-        return RunOutput(record, model, tokenizer, None)
-
-    # Calibration data before the dense evaluation: a bad source fails before any long work.
+    # Calibration data before anything long: a bad source fails first.
     calib = None
     if needs_data:
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+    planned = _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
+    allocation = planned.allocation
+    record["allocation"] = {
+        "allocator": config.allocator, "wall_s": planned.wall_s,
+        "blocks": block_profile(planned.profile, allocation),
+    }
+    if planned.search is not None:
+        record["allocation"]["search"] = planned.search
+    if dry_run:
+        record["allocation"]["layers"] = [
+            {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}
+            for x in planned.profile.layers
+        ]
+        return RunOutput(record, model, tokenizer, None)
     eval_kwargs = dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens,
                        device=config.device, cache_dir=cache_dir, progress=progress)
     if config.eval_data:

@@ -1,0 +1,105 @@
+"""ATP: layer sparsities that rise with depth as an arithmetic progression.
+
+Paper: Huang et al., "Determining Layer-wise Sparsity for Large Language Models Through a
+Theoretical Perspective", ICML 2025 (arXiv 2502.14770). Reference implementation:
+wzhuang-xmu/ATP ``lib/prune.py`` and ``search.sh``.
+
+Pruning early blocks raises the reconstruction error of every later block, so sparsity should
+grow with depth. With ``L`` blocks and target ``S`` (0-based block ``i``):
+
+    s_i = S - beta (L - 1) / 2 + beta i
+
+one ratio per block, applied to all its matrices. ``beta = 0`` is uniform. The valid range keeps
+every block in ``[0, 1)``: ``0 <= beta <= 2S/(L-1)`` and ``beta < 2(1-S)/(L-1)``; outside it the
+allocator fails and prints the range.
+
+``beta=auto`` (the default, the paper's protocol) is a grid search — ``step``, ``2 step``, ... up to
+the largest valid ``beta`` — that prunes the model with each candidate and keeps the one with the
+lowest perplexity on ``heldout`` windows of the *calibration* text that the calibration set does
+not overlap. It runs in :mod:`prunewise.pipeline` (it needs pruning and evaluation); the whole
+curve goes into the run record.
+
+Mixed N:M (``pattern=N:M``, the paper's mixed N:8 extension, not in the released code): the
+per-block values are rounded to ``N_i`` zeros per group of ``M`` with the mean N exact.
+
+Deviations from reference:
+- the offset is parameter-weighted (``S - beta * sum_i i P_i / sum_i P_i``), identical to the
+  reference for equal-size blocks and exact on the global target otherwise;
+- the reference accepts ``beta`` equal to ``2(1-S)/(L-1)``, which prunes the last block to 100%;
+  here sparsities must stay below 1, so that bound is excluded;
+- the reference selects ``beta`` by perplexity on the WikiText-2 *test* split, the number it then
+  reports; ``beta=auto`` here selects on held-out calibration text and never sees the evaluation
+  text.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..registry import ALLOCATORS
+from . import Profile, mixed_nm
+
+
+def _depth_mean(profile: Profile) -> float:
+    sizes = profile.block_sizes()
+    return sum(i * p for i, p in enumerate(sizes)) / sum(sizes)
+
+
+def beta_range(profile: Profile, sparsity: float) -> tuple[float, float]:
+    """``(largest valid beta, whether that bound itself is valid)``."""
+    last = profile.num_blocks - 1
+    if last == 0:
+        return 0.0, True
+    centre = _depth_mean(profile)
+    low_bound = sparsity / centre  # first block reaches 0
+    high_bound = (1.0 - sparsity) / (last - centre)  # last block reaches 1 (excluded)
+    return (low_bound, True) if low_bound < high_bound else (high_bound, False)
+
+
+def beta_grid(profile: Profile, sparsity: float, step: float) -> list[float]:
+    """The search grid: ``step, 2 step, ...`` while valid (``search.sh``)."""
+    if step <= 0:
+        raise ConfigError(f"atp: step must be > 0, got {step}")
+    bound, inclusive = beta_range(profile, sparsity)
+    out, k = [], 1
+    while k * step < bound + (1e-12 if inclusive else -1e-12):
+        out.append(round(k * step, 12))
+        k += 1
+    return out
+
+
+def progression(profile: Profile, sparsity: float, beta: float) -> list[float]:
+    """The per-block sparsities ``s_i = first + beta i`` with parameter-weighted mean ``sparsity``."""
+    bound, inclusive = beta_range(profile, sparsity)
+    if beta < 0 or beta > bound or (beta == bound and not inclusive and beta > 0):
+        close = "]" if inclusive else ")"
+        raise ConfigError(
+            f"atp: beta={beta:g} is outside the valid range [0, {bound:.6g}{close} for sparsity {sparsity:g} "
+            f"over {profile.num_blocks} blocks"
+        )
+    first = sparsity - beta * _depth_mean(profile)
+    return [min(max(first + beta * i, 0.0), 1.0) for i in range(profile.num_blocks)]
+
+
+@ALLOCATORS.register(
+    "atp",
+    summary="sparsity rising with depth as an arithmetic progression (beta searched on held-out calibration text)",
+    paper="Huang et al., ATP, ICML 2025, arXiv 2502.14770",
+    needs=(),
+    nm=True,
+    search="beta",
+)
+def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
+             heldout: int = 16) -> dict[str, float]:
+    if heldout < 1:
+        raise ConfigError(f"atp: heldout must be >= 1 window, got {heldout}")
+    if isinstance(beta, str) and beta != "auto":
+        raise ConfigError(f"atp: beta must be a number or 'auto', got '{beta}'")
+    if isinstance(beta, str):
+        raise ConfigError(
+            f"atp: beta={beta} is chosen by a search that prunes and evaluates the model; "
+            "run it through prunewise.run / `prunewise prune`, or pass a number"
+        )
+    values = progression(profile, sparsity, float(beta))
+    if profile.pattern.is_nm:
+        values = mixed_nm(values, profile, "atp")
+    return profile.per_block(values)
