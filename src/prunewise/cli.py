@@ -214,7 +214,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'':<12} paper: {e.paper}")
     print("allocators (--allocator NAME[:key=value,...]):")
     for e in ALLOCATORS:
-        print(f"  {e.name:<12} hyper: {hyper(e)}")
+        nm = "uniform N:M" if e.name == "uniform" else "mixed N:M per block" if e.extra.get("nm") else "unstructured only"
+        print(f"  {e.name:<12} needs={','.join(e.needs) or '-':<23} {nm:<19} hyper: {hyper(e)}")
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
     print("patterns (--pattern):")
