@@ -17,6 +17,13 @@ WORDS = (
 ).split()
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory, monkeypatch):
+    """Fast tests never write to the user's cache; real-model tests share it (converted model)."""
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("PRUNEWISE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 3):
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -56,7 +56,7 @@ def test_find_blocks_errors():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "sparsegpt", "gblm", "gradient"])
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.6), ("2:4", None)])
 def test_exact_sparsity_every_arch_metric_pattern(arch, metric, pattern, sparsity, calib):
     model = tiny_model(arch)

@@ -37,7 +37,7 @@ from .allocation import LayerInfo, Profile, check_allocation
 from .masks import Pattern, make_mask
 from .models import block_linears, find_blocks, weight_matrix
 from .registry import ALLOCATORS, METRICS, Entry
-from .stats import LayerStats, make_stats
+from .stats import BLOCK, LayerStats, make_stats
 
 log = logging.getLogger(__name__)
 
@@ -276,16 +276,23 @@ def prune_model(
     device: str = "cpu",
     blocks_path: str | None = None,
     progress: bool = True,
+    grads: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place. ``allocation`` maps every linear layer's full name to its sparsity."""
+    """Prune ``model`` in place. ``allocation`` maps every linear layer's full name to its sparsity.
+
+    ``grads`` holds the precomputed gradient statistic of every layer for metrics that need
+    ``grad`` (GBLM; see :mod:`prunewise.gradients`).
+    """
     start = time.perf_counter()
     entry = METRICS.get(metric)
     params = entry.bind(metric_params or {})
     path, blocks = find_blocks(model, blocks_path)
     dev = torch.device(device)
-    needs_data = bool(entry.needs)
+    needs_data = any(n in BLOCK for n in entry.needs)
     if needs_data and calib is None:
         raise ValueError(f"metric '{metric}' needs calibration data")
+    if "grad" in entry.needs and grads is None:
+        raise ValueError(f"metric '{metric}' needs gradient statistics (grads)")
     if mode not in ("two-pass", "single-pass") or propagate not in ("pruned", "dense"):
         raise ValueError(f"unknown mode/propagate '{mode}'/'{propagate}'")
     timings: dict[str, float] = {}
@@ -309,12 +316,14 @@ def prune_model(
         home = next(block.parameters()).device
         block.to(dev)
         linears = [(f"{path}.{i}.{sub}", m) for sub, m in block_linears(block)]
-        stats = {name: make_stats(entry.needs, weight_matrix(m).shape[1]) for name, m in linears} if needs_data else {}
+        stats = {name: make_stats(entry.needs, weight_matrix(m).shape[1]) for name, m in linears}
+        for name in stats if grads is not None else ():
+            stats[name].grad = grads[name]
         zeros: dict[str, int] = {}
 
         if not needs_data:
             for name, module in linears:
-                zeros[name] = _prune_linear(module, entry, params, None, allocation[name], pattern)
+                zeros[name] = _prune_linear(module, entry, params, stats[name], allocation[name], pattern)
         elif mode == "single-pass":
             handles = [m.register_forward_pre_hook(_prune_on_first_input(name, stats, zeros, entry, params, allocation, pattern))
                        for name, m in linears]

@@ -18,6 +18,7 @@ from .data import calibration_ids, heldout_ids
 from .engine import PruneResult, allocate, build_profile, dense_input_norms, prune_model
 from .errors import ConfigError
 from .evaluate import evaluate, needs_bos, perplexity
+from .gradients import layer_gradients
 from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
 from .models import find_blocks, load_model, max_context, weight_matrix
 from .registry import ALLOCATORS, METRICS
@@ -188,11 +189,23 @@ def prune(
                                 cache_dir or default_cache_dir())
     if allocation is None:
         allocation = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
-    return prune_model(
+    grads, grad_s = None, 0.0
+    if "grad" in METRICS.get(metric).needs:
+        t0 = time.perf_counter()
+        bound = METRICS.get(metric).bind(params)
+        grads = layer_gradients(model, calib, norm=bound["norm"], scale=bound["scale"],
+                                checkpointing=bound["checkpointing"], device=config.device,
+                                blocks_path=config.blocks_path, cache_dir=cache_dir or default_cache_dir(),
+                                progress=progress)
+        grad_s = time.perf_counter() - t0
+    result = prune_model(
         model, calib, metric=metric, metric_params=params, allocation=allocation, pattern=config.pattern_obj,
         mode=config.mode, propagate=config.propagate, batch_size=config.batch_size, device=config.device,
-        blocks_path=config.blocks_path, progress=progress,
+        blocks_path=config.blocks_path, progress=progress, grads=grads,
     )
+    if grads is not None:
+        result.timings["gradients_s"] = grad_s
+    return result
 
 
 def _evaluate_on(model: nn.Module, tokenizer, config: PruneConfig, kwargs: dict[str, Any]) -> dict:

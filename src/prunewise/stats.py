@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-KNOWN = ("input_sq_norm", "hessian")
+KNOWN = ("input_sq_norm", "hessian", "grad")
+BLOCK = ("input_sq_norm", "hessian")  # collected by hooks in the block loop; "grad" comes precomputed
 
 
 @dataclass
@@ -24,6 +25,7 @@ class LayerStats:
     ntokens: int = 0
     sq_sum: torch.Tensor | None = None  # sum over tokens of x_j^2, [C_in]
     gram: torch.Tensor | None = None  # sum over tokens of x x^T, [C_in, C_in]
+    grad: torch.Tensor | None = None  # GBLM's accumulated gradient norm G, [C_out, C_in]
 
     def increment(self, x: torch.Tensor) -> torch.Tensor:
         """What one input adds: ``x^T x`` (Hessian) or the column sums of ``x^2``, in float32."""
@@ -60,6 +62,7 @@ class LayerStats:
     def release(self) -> None:
         self.sq_sum = None
         self.gram = None
+        self.grad = None
 
 
 def make_stats(needs: tuple[str, ...], in_features: int) -> LayerStats:

@@ -7,4 +7,4 @@ new weight`` and chooses its own mask while updating the remaining weights (Spar
 Importing this package registers every metric in :data:`prunewise.registry.METRICS`.
 """
 
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (registration side effects)
+from . import gblm, magnitude, sparsegpt, wanda  # noqa: F401  (registration side effects)

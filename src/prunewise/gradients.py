@@ -1,0 +1,200 @@
+"""Per-sample gradient statistics of every prunable weight, for GBLM-Pruner (cached on disk).
+
+GBLM's reference (``gradient_computation.py``) runs one forward + backward per calibration window
+(batch 1, labels = inputs, mean next-token cross-entropy), multiplies each gradient by ``scale``
+(100) and accumulates over windows ``n``:
+
+    l1:  G = sum_n |scale * g_n|            l2:  G = sqrt(sum_n (scale * g_n)^2)
+
+It keeps every ``.grad`` of the model alive, then copies them into fp16/fp32 CPU accumulators of
+6 bytes per parameter, and only runs on LLaMA. Here:
+
+- only the prunable linear weights require gradients (embeddings, norms and ``lm_head`` do not),
+  and a post-accumulate-grad hook folds each weight's gradient into its float32 accumulator the
+  moment autograd produces it and frees it — no full set of ``.grad`` tensors is ever alive;
+- only the chosen norm is accumulated (4 bytes per prunable parameter);
+- ``checkpointing=True`` recomputes each block's activations in the backward pass (only the block
+  inputs are kept), wrapping every decoder block in ``torch.utils.checkpoint`` — any
+  architecture, and the model stays in eval mode (no dropout);
+- the result is cached under ``<cache>/gradients/<sha256 of all parameters, calibration ids, norm,
+  scale, blocks path>.pt``, so every later prune, allocator search or sweep reuses it.
+
+Deviations from reference: gradients are computed in the model's dtype and accumulated in float32
+(the reference computes in fp16 and stores the l1 sum in fp16); the model stays in eval mode
+(the reference calls ``train()``, which only matters for models with dropout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from .errors import PrunewiseError
+from .models import _is_conv1d, block_linears, find_blocks, weight_matrix
+from .statcache import cached, fingerprint, model_fingerprint
+
+NORMS = ("l1", "l2")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes available on ``device`` (CUDA: free memory; CPU: MemAvailable), or None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_estimate(model: nn.Module, seqlen: int, checkpointing: bool) -> dict[str, int]:
+    """Rough bytes needed beyond the loaded weights: float32 accumulators, the largest gradient
+    alive at once, and activations kept for the backward pass of one window."""
+    _, blocks = find_blocks(model)
+    prunable = [weight_matrix(m) for b in blocks for _, m in block_linears(b)]
+    acc = sum(w.numel() for w in prunable) * 4
+    elt = next(model.parameters()).element_size()
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    vocab = getattr(cfg, "vocab_size", 0)
+    per_block = seqlen * (10 * hidden + 3 * inter + heads * seqlen) * elt
+    layers = len(blocks)
+    acts = layers * seqlen * hidden * elt + per_block if checkpointing else layers * per_block
+    logits = 3 * seqlen * vocab * 4
+    return {"accumulators": acc, "gradient": max(w.numel() for w in prunable) * elt,
+            "activations": acts + logits}
+
+
+def _check_backward(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+    for name, w in weights.items():
+        if not w.dtype.is_floating_point:
+            raise PrunewiseError(
+                f"gblm: cannot run backward: {name} is stored as {w.dtype} (a quantized checkpoint?); "
+                "load the model in float32/bfloat16/float16 to collect gradients"
+            )
+
+
+class _Checkpointed(nn.Module):
+    """A decoder block whose forward is recomputed in the backward pass."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def collect_gradients(
+    model: nn.Module,
+    calib: torch.Tensor,
+    *,
+    norm: str = "l1",
+    scale: float = 100.0,
+    checkpointing: bool = False,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    progress: bool = True,
+    available: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{linear name: float32 G}`` over the windows of ``calib`` (``[n, seqlen]``), one backward each.
+
+    ``available`` overrides the free memory used for the up-front check (bytes).
+    """
+    if norm not in NORMS:
+        raise PrunewiseError(f"gblm: norm must be l1 or l2, got '{norm}'")
+    path, blocks = find_blocks(model, blocks_path)
+    modules = {f"{path}.{i}.{sub}": m for i, b in enumerate(blocks) for sub, m in block_linears(b)}
+    weights = {name: m.weight for name, m in modules.items()}
+    _check_backward(model, weights)
+    dev = torch.device(device)
+    need = memory_estimate(model, calib.shape[1], checkpointing)
+    have = available if available is not None else available_memory(dev)
+    total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if dev.type == "cuda" else 0)
+    if have is not None and total > have:
+        parts = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in need.items())
+        hint = "" if checkpointing else "; try gblm:checkpointing=true"
+        raise PrunewiseError(
+            f"gblm: gradient collection needs about {total / 1e9:.2f} GB ({parts}) but {have / 1e9:.2f} GB "
+            f"is available on {dev}{hint}, fewer/shorter calibration windows, or a larger device"
+        )
+
+    acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=dev) for name, m in modules.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    hooks = []
+    originals = list(blocks)
+    was_training = model.training
+    home = next(model.parameters()).device
+
+    def fold(name: str, transposed: bool):
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad.detach().float() * scale
+            g = g.t() if transposed else g
+            acc[name].add_(g.abs() if norm == "l1" else g.square())
+            param.grad = None
+
+        return hook
+
+    try:
+        model.eval()
+        model.to(dev)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, w in weights.items():
+            w.requires_grad_(True)
+            hooks.append(w.register_post_accumulate_grad_hook(fold(name, _is_conv1d(modules[name]))))
+        if checkpointing:
+            for i, block in enumerate(originals):
+                blocks[i] = _Checkpointed(block)
+        with torch.enable_grad():
+            for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
+                ids = window.unsqueeze(0).to(dev)
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                del logits
+                loss.backward()
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise PrunewiseError(f"gblm: out of memory during backward ({need}); try gblm:checkpointing=true") from None
+        raise
+    finally:
+        for h in hooks:
+            h.remove()
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.to(home)
+        model.train(was_training)
+    if norm == "l2":
+        for t in acc.values():
+            t.sqrt_()
+    return {name: t.cpu() for name, t in acc.items()}
+
+
+def layer_gradients(model: nn.Module, calib: torch.Tensor, *, norm: str, scale: float, checkpointing: bool = False,
+                    device: str = "cpu", blocks_path: str | None = None, cache_dir: Path | None = None,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """:func:`collect_gradients`, cached on disk by content (checkpointing does not enter the key)."""
+    key = fingerprint(calib, extra=f"{model_fingerprint(model)}:{blocks_path}:{norm}:{float(scale)!r}")
+    return cached(cache_dir, "gradients", key, lambda: collect_gradients(
+        model, calib, norm=norm, scale=scale, checkpointing=checkpointing, device=device,
+        blocks_path=blocks_path, progress=progress))
+
