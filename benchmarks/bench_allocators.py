@@ -12,7 +12,8 @@ at the same sparsity, to keep the grid affordable on 2 CPU cores), mrp (defaults
 ``plan_s`` is the allocation's wall time. Allocator statistics live in a fresh cache folder, so the
 first run of each allocator pays for them (``cold``) and the later ones read them back.
 ``redundancy`` is measured on the pruned weights: per block, the fraction of the remaining weights
-whose dense Wanda score is at most 5x the dense block mean (MRP's quantity).
+whose dense score is at most 5x the dense block mean (MRP's quantity), with the score MRP uses for
+the metric (``|W|`` for magnitude, Wanda's ``|W| * a_j`` otherwise).
 
     python benchmarks/bench_allocators.py --out benchmarks/results/allocators.jsonl
 """
@@ -34,13 +35,15 @@ METRICS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATORS = ("uniform", "owl", "alphapruning", "atp:beta=auto,step=0.004,heldout=8", "mrp")
 
 
-def block_redundancy(profile, dense: dict, norms: dict, model, m: float = 5.0) -> list[float]:
+def block_redundancy(profile, dense: dict, norms: dict, model, metric: str, m: float = 5.0) -> list[float]:
+    from prunewise.allocation.mrp import score_kind
     from prunewise.models import weight_matrix
 
+    wanda = score_kind("auto", metric) == "wanda"
     out = []
     for b in range(profile.num_blocks):
         names = [x.name for x in profile.layers if x.block == b]
-        scores = [dense[n].abs() * norms[n].unsqueeze(0) for n in names]
+        scores = [dense[n].abs() * (norms[n].unsqueeze(0) if wanda else 1) for n in names]
         cut = m * sum(float(s.sum(dtype=torch.float64)) for s in scores) / sum(s.numel() for s in scores)
         kept = outliers = 0
         for n, s in zip(names, scores):
@@ -115,7 +118,7 @@ def main() -> None:
                     row["prune_s"] = time.perf_counter() - t0
                     row["achieved"] = res.sparsity
                     row["ppl"] = ppl()
-                    red = block_redundancy(planned.profile, dense, norms, model)
+                    red = block_redundancy(planned.profile, dense, norms, model, metric)
                     row["redundancy"] = {"min": min(red), "max": max(red), "std": statistics.pstdev(red)}
                     row["blocks"] = pw.allocation.block_profile(planned.profile, planned.allocation)
                     if planned.search:
