@@ -311,7 +311,7 @@ def test_atp_auto_search_on_heldout_text(tokenizer, text_file, tmp_path):
     planned = _plan(model, cfg, tmp_path, tokenizer=tokenizer, progress=False)
     for k, v in model.state_dict().items():  # the trials leave the model dense
         assert torch.equal(v, dense[k]), k
-    search = planned.search
+    search = planned.details["search"]
     betas = [c["beta"] for c in search["curve"]]
     assert betas == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3])  # bound 2 * 0.5 / 3, inclusive below 50%
     best = min(search["curve"], key=lambda c: c["ppl"])
@@ -349,3 +349,30 @@ def test_cli_owl_dry_run_and_record_with_plot(tokenizer, text_file, tmp_path, ca
     assert len(set(targets.values())) == 3
     png = (out / "allocation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
+    model = tiny_model("llama", layers=4)
+    cfg = pw.PruneConfig(model="x", metric="wanda", allocator="mrp:stats=dynamic,rounds=2,m=2,start=0.2",
+                         sparsity=0.6, nsamples=6, seqlen=24)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    planned = _plan(model, cfg, tmp_path, calib=calib, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, dense[k]), k
+    rounds = planned.details["rounds"]
+    assert [r["target"] for r in rounds] == pytest.approx([0.4, 0.6])
+    check_allocation("mrp", planned.profile, planned.allocation, 0.6)
+    # by hand: round 1 on the dense statistics, then prune with it, re-measure, round 2 from there
+    static = cfg.replace(allocator="mrp:m=2,start=0.2")
+    prof = _plan(model, static, tmp_path, calib=calib, progress=False).profile
+    params = {"m": 2.0, "start": 0.2}
+    first = mrp.fill(prof, 0.4, None, **params)
+    assert block_profile(prof, first) == pytest.approx(rounds[0]["blocks"])
+    pw.prune(model, None, cfg, calib=calib, allocation=first, progress=False)
+    prof.stats["input_norms"] = dense_input_norms(model, calib, progress=False)
+    final = mrp.fill(prof, 0.6, first, **params)
+    assert final == pytest.approx(planned.allocation)
+    assert final != pytest.approx(mrp.fill(_plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib,
+                                                 progress=False).profile, 0.6, first, **params))
+    with pytest.raises(ConfigError, match="stats=dynamic prunes"):
+        mrp.allocate(prof, 0.6, stats="dynamic")

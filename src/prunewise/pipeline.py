@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import Profile, block_profile
+from .allocation import Profile, block_profile, check_allocation
 from .config import PruneConfig, default_cache_dir
 from .data import calibration_ids, heldout_ids
 from .engine import PruneResult, allocate, build_profile, dense_input_norms, prune_model
@@ -34,7 +34,7 @@ class Plan:
 
     profile: Profile
     allocation: dict[str, float]
-    search: dict[str, Any] | None = None  # an allocator's hyper-parameter search (ATP's beta=auto)
+    details: dict[str, Any] = field(default_factory=dict)  # {"search": ...} (ATP) or {"rounds": ...} (MRP dynamic)
     wall_s: float = 0.0
 
 
@@ -90,23 +90,62 @@ def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, 
     profile.metric = config.metric_spec[0]
     profile.pattern = config.pattern_obj
     name, params = config.allocator_spec
-    entry = ALLOCATORS.get(name)
-    searched = entry.extra.get("search")
-    search_needed = searched is not None and entry.bind(params).get(searched) == "auto"
-    if calib is None and (needs_calibration(config) or search_needed):
+    driver = _driver(config)
+    if calib is None and (needs_calibration(config) or driver is not None):
         if tokenizer is None:
             raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data (pass a tokenizer or calib)")
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
     _profile_stats(model, config, profile, cache_dir, calib, progress)
-    search = None
-    if search_needed:
-        params, search = _search(model, tokenizer, config, profile, calib, cache_dir, progress)
-    allocation = allocate(name, params, profile, config.target)
-    return Plan(profile, allocation, search, time.perf_counter() - start)
+    if driver is None:
+        return Plan(profile, allocate(name, params, profile, config.target), {}, time.perf_counter() - start)
+    allocation, details = driver(model, tokenizer, config, profile, calib, cache_dir, progress)
+    check_allocation(name, profile, allocation, config.target)
+    return Plan(profile, allocation, details, time.perf_counter() - start)
+
+
+def _driver(config: PruneConfig):
+    """The pipeline-level loop an allocator setting needs (it prunes the model), or None."""
+    name, params = config.allocator_spec
+    bound = ALLOCATORS.get(name).bind(params)
+    if name == "atp" and bound["beta"] == "auto":
+        return _search
+    if name == "mrp" and bound["stats"] == "dynamic":
+        return _mrp_dynamic
+    return None
+
+
+def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
+                 cache_dir: Path, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """MRP with dynamic statistics: the budget is placed in ``rounds`` equal parts; after each part
+    but the last, the model is pruned with the allocation so far (the run's metric) and the scores
+    are re-measured on that sparse model (its weights, and activations of a dense-propagated pass)."""
+    from .allocation import mrp
+
+    name, params = config.allocator_spec
+    bound = ALLOCATORS.get(name).bind(params)
+    first = mrp._check(profile, config.target, bound["m"], bound["step"], bound["start"], bound["threshold"],
+                       bound["stats"], bound["rounds"], bound["max_sparsity"])
+    backup = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
+    levels: dict[str, float] | None = None
+    history = []
+    start = time.perf_counter()
+    try:
+        for r in tqdm(range(1, bound["rounds"] + 1), desc="mrp rounds", unit="round", disable=not progress):
+            goal = first + (config.target - first) * r / bound["rounds"]
+            levels = mrp.fill(profile, goal, levels, **bound)
+            history.append({"round": r, "target": goal, "blocks": block_profile(profile, levels)})
+            if r == bound["rounds"]:
+                break
+            _restore(model, backup)
+            prune(model, tokenizer, config, calib=calib, allocation=levels, cache_dir=cache_dir, progress=False)
+            _profile_stats(model, config, profile, cache_dir, calib, progress=False)
+    finally:
+        _restore(model, backup)
+    return levels, {"rounds": history, "rounds_wall_s": time.perf_counter() - start}
 
 
 def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
-            cache_dir: Path, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+            cache_dir: Path, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
     """Grid-search an allocator's ``auto`` hyper-parameter by perplexity on held-out calibration text.
 
     Every candidate prunes the model exactly as the run will (same metric, pattern, mode and
@@ -149,7 +188,7 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
         "heldout": {"data": config.calib, "windows": int(heldout.shape[0]), "seqlen": config.seqlen},
         "curve": curve, "wall_s": time.perf_counter() - start,
     }
-    return {**bound, "beta": best["beta"]}, record
+    return allocate(name, {**bound, "beta": best["beta"]}, profile, config.target), {"search": record}
 
 
 @torch.no_grad()
@@ -261,8 +300,7 @@ def run(
         "allocator": config.allocator, "wall_s": planned.wall_s,
         "blocks": block_profile(planned.profile, allocation),
     }
-    if planned.search is not None:
-        record["allocation"]["search"] = planned.search
+    record["allocation"].update(planned.details)
     if dry_run:
         record["allocation"]["layers"] = [
             {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}

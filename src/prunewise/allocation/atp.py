@@ -86,7 +86,6 @@ def progression(profile: Profile, sparsity: float, beta: float) -> list[float]:
     paper="Huang et al., ATP, ICML 2025, arXiv 2502.14770",
     needs=(),
     nm=True,
-    search="beta",
 )
 def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
              heldout: int = 16) -> dict[str, float]:

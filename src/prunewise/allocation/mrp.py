@@ -29,14 +29,18 @@ Reconstruction (``granularity=block``; ``matrix`` makes every linear layer its o
   its parameters, never above ``max_sparsity``, the last step truncated so the
   parameter-weighted mean lands exactly on the target.
 
-Scores are static (computed once on the dense model). Each unit's sorted scores are summarised by
+``stats=static`` (default) computes the scores once on the dense model. ``stats=dynamic`` places
+the budget in ``rounds`` equal parts (from ``start`` to the target); between parts the model is
+pruned with the allocation so far (the run's metric) and the scores are re-measured on that sparse
+model — its weights and the input norms of a dense-propagated pass through it; pruned weights score
+0 and the outlier threshold is relative to the mean of the unpruned ones. It runs in
+:mod:`prunewise.pipeline` and costs ``rounds - 1`` extra prunes and calibration passes. Each unit's sorted scores are summarised by
 ``4096`` quantile knots with exact prefix sums, so memory does not grow with model size; the
 redundancy is interpolated between knots (relative error below 1/4096 of a unit's weights).
 
 Deviations from reference: no reference exists; the knobs' defaults (``m=5`` from OWL,
 ``step=0.01``, ``start=auto``, ``threshold=dense``) are this reconstruction's choices, not the
-paper's values. The "dynamic" variant (re-measuring activations on the pruned model between
-steps) is not implemented.
+paper's values; the dynamic variant re-measures between ``rounds``, not after every step.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ KNOTS = 4096
 SCORES = ("auto", "magnitude", "wanda")
 GRANULARITIES = ("block", "matrix")
 THRESHOLDS = ("dense", "remaining")
+STATS = ("static", "dynamic")
 
 
 def score_kind(score: str, metric: str) -> str:
@@ -76,7 +81,8 @@ class _Summary:
         self.ranks = ranks.astype(np.float64)
         self.prefix = csum[ranks]
         self.values = s.numpy()[np.minimum(ranks, self.n - 1)]  # the value at each knot's rank
-        self.dense_cut = self._at_or_below(m * self.total / self.n)
+        alive = int((s > 0).sum())  # pruned weights score 0: the mean is over the unpruned ones
+        self.dense_cut = self._at_or_below(m * self.total / max(alive, 1))
 
     def _at_or_below(self, t: float) -> float:
         return float(np.interp(t, self.values, self.ranks, left=0.0, right=self.n))
@@ -123,35 +129,42 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
     return ("weights", "input_norms") if kind == "wanda" else ("weights",)
 
 
-@ALLOCATORS.register(
-    "mrp",
-    summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
-    paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
-    needs=("weights", "input_norms"),
-    needs_for=_needs,
-)
-def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float = 0.01, start: float | str = "auto",
-             threshold: str = "dense", score: str = "auto", granularity: str = "block",
-             max_sparsity: float = 0.99) -> dict[str, float]:
+def _check(profile: Profile, sparsity: float, m: float, step: float, start, threshold: str, stats: str,
+           rounds: int, max_sparsity: float) -> float:
     if m <= 0:
         raise ConfigError(f"mrp: the outlier threshold m must be > 0, got {m}")
     if not 0 < step <= 0.5:
         raise ConfigError(f"mrp: step must be in (0, 0.5], got {step}")
     if threshold not in THRESHOLDS:
         raise ConfigError(f"mrp: threshold must be one of {', '.join(THRESHOLDS)}, got '{threshold}'")
+    if stats not in STATS:
+        raise ConfigError(f"mrp: stats must be one of {', '.join(STATS)}, got '{stats}'")
+    if rounds < 1:
+        raise ConfigError(f"mrp: rounds must be >= 1, got {rounds}")
     if start == "auto":
         start = max(sparsity - 0.1, 0.0)
     if isinstance(start, str) or not 0 <= start <= sparsity:
         raise ConfigError(f"mrp: start must be 'auto' or in [0, target sparsity {sparsity:g}], got {start}")
     if not sparsity <= max_sparsity < 1:
         raise ConfigError(f"mrp: max_sparsity must be in [target, 1), got {max_sparsity}")
+    return float(start)
+
+
+def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, m: float = 5.0, step: float = 0.01,
+         start: float | str = "auto", threshold: str = "dense", score: str = "auto", granularity: str = "block",
+         max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
+    """The greedy loop from ``levels`` (per layer; ``None``: every unit at ``start``) up to ``sparsity``,
+    with the scores in ``profile`` (dense, or those of the current sparse model)."""
+    first = _check(profile, sparsity, m, step, start, threshold, stats, rounds, max_sparsity)
     kind = score_kind(score, profile.metric)
     units = _units(profile, granularity)
     summaries = [_summary(profile, names, kind, m, threshold) for names, _ in units]
     sizes = [size for _, size in units]
-    level = [float(start)] * len(units)
-    budget = (sparsity - start) * sum(sizes)
-    red = [s.redundancy(start) for s in summaries]
+    level = [float(levels[names[0]]) if levels else first for names, _ in units]
+    budget = sparsity * sum(sizes) - sum(lv * n for lv, n in zip(level, sizes))
+    if budget < -1e-9 * sum(sizes):
+        raise ConfigError(f"mrp: the starting levels already exceed the target {sparsity:g}")
+    red = [s.redundancy(lv) for s, lv in zip(summaries, level)]
     tol = 1e-12 * sum(sizes)
     while budget > tol:
         open_units = [u for u in range(len(units)) if level[u] < max_sparsity - 1e-12]
@@ -161,3 +174,20 @@ def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float =
         budget -= inc * sizes[u]
         red[u] = summaries[u].redundancy(level[u])
     return {x: level[u] for u, (names, _) in enumerate(units) for x in names}
+
+
+@ALLOCATORS.register(
+    "mrp",
+    summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
+    paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
+    needs=("weights", "input_norms"),
+    needs_for=_needs,
+)
+def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float = 0.01, start: float | str = "auto",
+             threshold: str = "dense", score: str = "auto", granularity: str = "block",
+             max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
+    if stats == "dynamic":
+        raise ConfigError("mrp: stats=dynamic prunes and re-measures the model between rounds; "
+                          "run it through prunewise.run / `prunewise prune`")
+    return fill(profile, sparsity, None, m=m, step=step, start=start, threshold=threshold, score=score,
+                granularity=granularity, max_sparsity=max_sparsity, stats=stats, rounds=rounds)
