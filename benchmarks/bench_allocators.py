@@ -5,6 +5,9 @@ on the first 32 non-overlapping 512-token windows of the wiki test split (16,384
 pruning with pruned propagation. One process: the model is loaded once and the dense weights of
 the pruned layers are restored after every run, so every run starts from the same dense model.
 
+GBLM (``--metrics gblm --sparsities 0.7``) runs on the same protocol; its gradients are collected
+once and read from the statistics cache afterwards.
+
 Allocators: uniform, owl (m=5, lam=0.08), alphapruning (epsilon=0.3, xmin_peak), atp (beta=auto,
 grid step 0.004 on 8 held-out calibration windows; SparseGPT reuses the beta Wanda's search picked
 at the same sparsity, to keep the grid affordable on 2 CPU cores), mrp (defaults).
@@ -58,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sparsities", type=float, nargs="*", default=SPARSITIES)
+    ap.add_argument("--metrics", nargs="*", default=METRICS)
     args = ap.parse_args()
 
     import prunewise as pw
@@ -96,7 +100,7 @@ def main() -> None:
             if row["metric"] == "wanda":
                 wanda_beta[row["sparsity"]] = row["search"]["chosen"]
     for sparsity in args.sparsities:
-        for metric in METRICS:
+        for metric in args.metrics:
             for alloc in ALLOCATORS:
                 if (metric, alloc, sparsity) in done:
                     continue

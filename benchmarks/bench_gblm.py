@@ -9,8 +9,8 @@ Jobs:
 - ``fwdbwd``: the floor it is compared with — one plain forward + backward per window of the same
   samples, every parameter requiring grad and every ``.grad`` kept (what the reference does before
   copying into its accumulators);
-- ``prune:<metric>:<pattern>:<allocator>``: prune (gradients from a shared cache, collected once)
-  and evaluate.
+- ``prune:<metric>:<pattern>:<allocator>:<sparsity>``: prune (gradients from a shared cache,
+  collected once) and evaluate. GBLM with the allocators at 70% is in ``bench_allocators.py``.
 
 The reference design's memory (weights + full gradients + 6 B per prunable parameter of CPU
 accumulators) is computed from the parameter counts and written as ``reference_design``.
@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 NSAMPLES, SEQLEN, EVAL_TOKENS = 32, 512, 32768
-PRUNE = [  # metric, pattern, allocator, sparsity
-    *[(m, "unstructured", "uniform", "0.5") for m in ("gblm", "wanda", "sparsegpt", "gblm:norm=l2", "gradient")],
-    *[(m, p, "uniform", "None") for p in ("2:4", "4:8") for m in ("gblm", "wanda", "sparsegpt")],
-    *[("gblm", "unstructured", a, "0.7") for a in
-      ("uniform", "owl", "alphapruning", "atp:beta=auto,step=0.004,heldout=8", "mrp")],
+PRUNE = [  # metric, pattern, allocator, sparsity (Wanda / SparseGPT at 50% and 2:4: core.jsonl, same protocol)
+    *[(m, "unstructured", "uniform", "0.5") for m in ("gblm", "gblm:norm=l2", "gradient")],
+    ("gblm", "2:4", "uniform", "None"),
+    *[(m, "4:8", "uniform", "None") for m in ("gblm", "wanda", "sparsegpt")],
 ]
 
 
