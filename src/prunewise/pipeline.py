@@ -105,8 +105,7 @@ def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, 
 
 def _driver(config: PruneConfig):
     """The pipeline-level loop an allocator setting needs (it prunes the model), or None."""
-    name, params = config.allocator_spec
-    bound = ALLOCATORS.get(name).bind(params)
+    name, bound = config.allocator_spec  # bound: every hyper-parameter, defaults filled in
     if name == "atp" and bound["beta"] == "auto":
         return _search
     if name == "mrp" and bound["stats"] == "dynamic":
@@ -121,10 +120,8 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
     are re-measured on that sparse model (its weights, and activations of a dense-propagated pass)."""
     from .allocation import mrp
 
-    name, params = config.allocator_spec
-    bound = ALLOCATORS.get(name).bind(params)
-    first = mrp._check(profile, config.target, bound["m"], bound["step"], bound["start"], bound["threshold"],
-                       bound["stats"], bound["rounds"], bound["max_sparsity"])
+    name, bound = config.allocator_spec
+    first = mrp.validate(profile, config.target, **bound)
     backup = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
     levels: dict[str, float] | None = None
     history = []
@@ -155,8 +152,7 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
     """
     from .allocation.atp import beta_grid
 
-    name, params = config.allocator_spec
-    bound = ALLOCATORS.get(name).bind(params)
+    name, bound = config.allocator_spec
     if tokenizer is None:
         raise ValueError(f"allocator '{name}': the search needs the tokenizer to read held-out text")
     heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
@@ -231,9 +227,8 @@ def prune(
     grads, grad_s = None, 0.0
     if "grad" in METRICS.get(metric).needs:
         t0 = time.perf_counter()
-        bound = METRICS.get(metric).bind(params)
-        grads = layer_gradients(model, calib, norm=bound["norm"], scale=bound["scale"],
-                                checkpointing=bound["checkpointing"], device=config.device,
+        grads = layer_gradients(model, calib, norm=params["norm"], scale=params["scale"],
+                                checkpointing=params["checkpointing"], device=config.device,
                                 blocks_path=config.blocks_path, cache_dir=cache_dir or default_cache_dir(),
                                 progress=progress)
         grad_s = time.perf_counter() - t0

@@ -129,8 +129,9 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
     return ("weights", "input_norms") if kind == "wanda" else ("weights",)
 
 
-def _check(profile: Profile, sparsity: float, m: float, step: float, start, threshold: str, stats: str,
-           rounds: int, max_sparsity: float) -> float:
+def validate(profile: Profile, sparsity: float, *, m: float, step: float, start: float | str, threshold: str,
+             stats: str, rounds: int, max_sparsity: float, **_: object) -> float:
+    """Check the hyper-parameters; return the starting sparsity."""
     if m <= 0:
         raise ConfigError(f"mrp: the outlier threshold m must be > 0, got {m}")
     if not 0 < step <= 0.5:
@@ -155,7 +156,8 @@ def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, 
          max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
     """The greedy loop from ``levels`` (per layer; ``None``: every unit at ``start``) up to ``sparsity``,
     with the scores in ``profile`` (dense, or those of the current sparse model)."""
-    first = _check(profile, sparsity, m, step, start, threshold, stats, rounds, max_sparsity)
+    first = validate(profile, sparsity, m=m, step=step, start=start, threshold=threshold, stats=stats, rounds=rounds,
+                     max_sparsity=max_sparsity)
     kind = score_kind(score, profile.metric)
     units = _units(profile, granularity)
     summaries = [_summary(profile, names, kind, m, threshold) for names, _ in units]
