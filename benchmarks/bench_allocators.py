@@ -19,6 +19,8 @@ whose dense score is at most 5x the dense block mean (MRP's quantity), with the 
 the metric (``|W|`` for magnitude, Wanda's ``|W| * a_j`` otherwise).
 
     python benchmarks/bench_allocators.py --out benchmarks/results/allocators.jsonl
+    python benchmarks/bench_allocators.py --out benchmarks/results/owl-sensitivity.jsonl --metrics wanda \
+        --sparsities 0.7 --allocators owl:lam=0.02 owl:lam=0.05 owl:lam=0.15 owl:m=3 owl:m=8
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sparsities", type=float, nargs="*", default=SPARSITIES)
     ap.add_argument("--metrics", nargs="*", default=METRICS)
+    ap.add_argument("--allocators", nargs="*", default=ALLOCATORS)
     args = ap.parse_args()
 
     import prunewise as pw
@@ -101,7 +104,7 @@ def main() -> None:
                 wanda_beta[row["sparsity"]] = row["search"]["chosen"]
     for sparsity in args.sparsities:
         for metric in args.metrics:
-            for alloc in ALLOCATORS:
+            for alloc in args.allocators:
                 if (metric, alloc, sparsity) in done:
                     continue
                 spec = alloc
