@@ -376,3 +376,25 @@ def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
                                                  progress=False).profile, 0.6, first, **params))
     with pytest.raises(ConfigError, match="stats=dynamic prunes"):
         mrp.allocate(prof, 0.6, stats="dynamic")
+
+
+def test_cli_atp_search_printed_and_recorded(tokenizer, text_file, tmp_path, capsys):
+    from prunewise.cli import main
+
+    d = tmp_path / "m"
+    tiny_model("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    out = tmp_path / "run"
+    assert main(["prune", "--model", str(d), "--calib", f"file:{text_file}", "--nsamples", "4", "--seqlen", "32",
+                 "--metric", "magnitude", "--allocator", "atp:step=0.1,heldout=2", "--sparsity", "0.6", "-q",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rec = json.loads((out / "pruning.json").read_text())
+    search = rec["allocation"]["search"]
+    # 3 blocks at 60%: beta < 2 * 0.4 / 2 = 0.4 -> grid 0.1, 0.2, 0.3 plus 0
+    assert [c["beta"] for c in search["curve"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert f"atp: beta={search['chosen']:g} chosen from 4 trials by perplexity on 2 held-out calibration windows" in printed
+    assert rec["config"]["allocator"] == "atp:step=0.1,heldout=2"
+    assert rec["allocation"]["blocks"] == pytest.approx(
+        [0.6 - search["chosen"], 0.6, 0.6 + search["chosen"]])
+    assert (out / "allocation.png").stat().st_size > 5000
