@@ -25,7 +25,7 @@ def plot_block_profile(blocks: list[float], target: float, path: Path, title: st
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
     ax.set_title(title or "per-block sparsity")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     if search:
         ax2 = axes[0][1]
         xs = [c[search["parameter"]] for c in search["curve"]]
