@@ -9,10 +9,9 @@ GBLM (``--metrics gblm --sparsities 0.7``) runs on the same protocol; its gradie
 once and read from the statistics cache afterwards.
 
 Allocators: uniform, owl (m=5, lam=0.08), alphapruning (epsilon=0.3, xmin_peak), atp, mrp (defaults).
-ATP's beta: ``beta=auto`` (grid step 0.004 on 8 held-out calibration windows) for magnitude at every
-sparsity and for Wanda at 70%. To keep the grid affordable on 2 CPU cores, the other Wanda
-sparsities, SparseGPT and GBLM take the same *fraction of the valid range* that Wanda's 70% search
-chose (``beta = f * beta_max(S)``; the row's ``spec`` holds the value used).
+ATP's beta: ``beta=auto`` (grid step 0.004 on 8 held-out calibration windows) for magnitude and
+Wanda at every sparsity; to keep the grid affordable on 2 CPU cores, SparseGPT and GBLM reuse the
+beta Wanda's search chose at the same sparsity (the row's ``spec`` holds the value used).
 
 ``plan_s`` is the allocation's wall time. Allocator statistics live in a fresh cache folder, so the
 first run of each allocator pays for them (``cold``) and the later ones read them back.
@@ -98,23 +97,20 @@ def main() -> None:
         with args.out.open("a") as f:
             f.write(json.dumps({"metric": "dense", "allocator": "-", "sparsity": 0.0, "ppl": ppl()}) + "\n")
     seen_alloc: set[str] = set()
-    from prunewise.allocation.atp import beta_range
-
-    fraction: list[float] = []  # of the valid beta range, from Wanda's search at 70%
+    wanda_beta: dict[float, float] = {}  # searched beta per sparsity
     for row in map(json.loads, args.out.open()):
         if row.get("search"):
             seen_alloc.add(row["allocator"].split(":")[0])
-            if row["metric"] == "wanda" and row["sparsity"] == 0.7:
-                fraction.append(row["search"]["chosen"] / beta_range(profile, 0.7)[0])
+            if row["metric"] == "wanda":
+                wanda_beta[row["sparsity"]] = row["search"]["chosen"]
     for sparsity in args.sparsities:
         for metric in args.metrics:
             for alloc in args.allocators:
                 if (metric, alloc, sparsity) in done:
                     continue
                 spec = alloc
-                searched = metric == "magnitude" or (metric == "wanda" and sparsity == 0.7)
-                if alloc.startswith("atp") and not searched and fraction:
-                    spec = f"atp:beta={fraction[0] * beta_range(profile, sparsity)[0]:.6f}"
+                if alloc.startswith("atp") and metric not in ("magnitude", "wanda") and sparsity in wanda_beta:
+                    spec = f"atp:beta={wanda_beta[sparsity]}"
                 cfg = pw.PruneConfig(model="smollm2-135m", metric=metric, allocator=spec, sparsity=sparsity,
                                      nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
                 name = alloc.split(":")[0]
@@ -135,8 +131,8 @@ def main() -> None:
                     row["blocks"] = pw.allocation.block_profile(planned.profile, planned.allocation)
                     if "search" in planned.details:
                         row["search"] = planned.details["search"]
-                        if metric == "wanda" and sparsity == 0.7:
-                            fraction.append(row["search"]["chosen"] / beta_range(profile, 0.7)[0])
+                        if metric == "wanda":
+                            wanda_beta[sparsity] = row["search"]["chosen"]
                 except Exception as exc:  # record and go on
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 finally:

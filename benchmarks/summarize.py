@@ -56,7 +56,7 @@ def allocators(path: Path) -> str:
                 if alloc == "atp" and r.get("search"):
                     text += f" (β={r['search']['chosen']:g})"
                 elif alloc == "atp" and "beta=" in r.get("spec", ""):
-                    text += f" (β={r['spec'].split('beta=')[1]:s})"
+                    text += f" (β={float(r['spec'].split('beta=')[1]):.4g})"
                 cells.append(text)
             out.append(f"| {alloc} | " + " | ".join(cells) + " |")
         out.append("")
