@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gblm.jsonl"))
     ap.add_argument("--only")
     ap.add_argument("--cache")
+    ap.add_argument("--kinds", nargs="*", default=["reference", "fwdbwd", "grad", "prune"],
+                    help="job kinds to run (timing jobs want a quiet machine; prune jobs report perplexity)")
     args = ap.parse_args()
     if args.only:
         kind, *rest = args.only.split("|")
@@ -146,7 +148,7 @@ def main() -> None:
     if args.out.is_file():
         done = {json.loads(line).get("key") for line in args.out.open()}
     for job in jobs:
-        if job in done:
+        if job in done or job.split("|")[0] not in args.kinds:
             continue
         proc = subprocess.run([sys.executable, __file__, "--only", job, "--cache", cache], capture_output=True, text=True)
         if proc.returncode != 0:
