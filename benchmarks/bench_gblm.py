@@ -105,8 +105,9 @@ def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cac
     row = {"job": "prune", "metric": metric, "pattern": pat, "sparsity": cfg.target, "allocator": allocator,
            "plan_s": round(plan_s, 2), "prune_s": round(wall, 2), "timings": res.timings, "ppl": round(ppl, 3),
            "achieved": round(res.sparsity, 6), "peak_rss_gb": round(_rss(), 3)}
-    if planned.search:
-        row["search"] = {"chosen": planned.search["chosen"], "trials": len(planned.search["curve"])}
+    search = planned.details.get("search")
+    if search:
+        row["search"] = {"chosen": search["chosen"], "trials": len(search["curve"])}
     return row
 
 
@@ -141,12 +142,12 @@ def main() -> None:
             row = job_prune(rest[0], rest[1], rest[2], None if rest[3] == "None" else float(rest[3]), args.cache)
         print(json.dumps(row), flush=True)
         return
-    cache = tempfile.mkdtemp(prefix="gblm-cache-")
+    cache = args.cache or tempfile.mkdtemp(prefix="gblm-cache-")
     jobs = ["reference", "fwdbwd", "grad|l1|False", "grad|l1|True", "grad|l2|False"]
     jobs += ["prune|" + "|".join(job) for job in PRUNE]
     done = set()
     if args.out.is_file():
-        done = {json.loads(line).get("key") for line in args.out.open()}
+        done = {r.get("key") for r in map(json.loads, args.out.open()) if "error" not in r}
     for job in jobs:
         if job in done or job.split("|")[0] not in args.kinds:
             continue
