@@ -85,12 +85,14 @@ def allocators(path: Path) -> str:
     red = [r for r in runs if r["allocator"].split(":")[0] in ("uniform", "mrp") and "redundancy" in r]
     if red:
         out.append("")
-        out.append("Per-block redundancy of the pruned model (std over blocks; min–max):")
+        out.append("Per-block redundancy of the pruned model under Wanda scores (std over blocks; min–max):")
         out.append("")
         out.append("| metric | sparsity | uniform | mrp |")
         out.append("|---|---|---|---|")
         keyed = {(r["metric"], r["sparsity"], r["allocator"].split(":")[0]): r["redundancy"] for r in red}
         for metric in metrics:
+            if metric == "magnitude":  # early magnitude rows were measured with Wanda scores: not comparable
+                continue
             for s in sparsities:
                 u, m = keyed.get((metric, s, "uniform")), keyed.get((metric, s, "mrp"))
                 if u and m:
@@ -114,7 +116,7 @@ def gblm(path: Path) -> str:
     for key in ("fwdbwd", "grad|l1|False", "grad|l1|True", "grad|l2|False"):
         r = rows.get(key)
         if r and "wall_s" in r:
-            out.append(f"| {key} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |")
+            out.append(f"| {key.replace('|', ' ')} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |")
     out.append("")
     out.append("| metric | pattern | sparsity | achieved | ppl |")
     out.append("|---|---|---|---|---|")
