@@ -171,6 +171,16 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_si
     return hidden, calls
 
 
+def _capture_on(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int, dev: torch.device):
+    """:func:`capture` with the layers outside the blocks on ``dev`` for the duration."""
+    _move_outside_blocks(model, blocks, dev)
+    try:
+        return capture(model, blocks, calib, batch_size, dev)
+    finally:
+        if dev.type != "cpu":
+            _move_outside_blocks(model, blocks, torch.device("cpu"))
+
+
 def _forward_until_stop(base: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
     """Run the base model on ``ids`` until a hook raises :class:`_Stop` (or to the end)."""
     try:
@@ -302,11 +312,7 @@ def prune_model(
     calls: list[list[_Call]] = []
     if needs_data:
         t0 = time.perf_counter()
-        _move_outside_blocks(model, blocks, dev)
-        bs = calib.shape[0] if mode == "single-pass" else batch_size
-        hidden, calls = capture(model, blocks, calib, bs, dev)
-        if dev.type != "cpu":
-            _move_outside_blocks(model, blocks, torch.device("cpu"))
+        hidden, calls = _capture_on(model, blocks, calib, calib.shape[0] if mode == "single-pass" else batch_size, dev)
         timings["capture_s"] = time.perf_counter() - t0
 
     last_sub: str | None = None  # name (inside a block) of the last linear layer to run
@@ -317,8 +323,9 @@ def prune_model(
         block.to(dev)
         linears = [(f"{path}.{i}.{sub}", m) for sub, m in block_linears(block)]
         stats = {name: make_stats(entry.needs, weight_matrix(m).shape[1]) for name, m in linears}
-        for name in stats if grads is not None else ():
-            stats[name].grad = grads[name]
+        if grads is not None:
+            for name, st in stats.items():
+                st.grad = grads[name]
         zeros: dict[str, int] = {}
 
         if not needs_data:
@@ -379,10 +386,7 @@ def dense_input_norms(
     """
     path, blocks = find_blocks(model, blocks_path)
     dev = torch.device(device)
-    _move_outside_blocks(model, blocks, dev)
-    hidden, calls = capture(model, blocks, calib, batch_size, dev)
-    if dev.type != "cpu":
-        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    hidden, calls = _capture_on(model, blocks, calib, batch_size, dev)
     norms: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(blocks)), desc="dense statistics", unit="block", disable=not progress):
         block = blocks[i]
