@@ -189,12 +189,16 @@ def test_mixed_nm_needs_equal_blocks():
 )
 def test_mrp_properties(heavy, sparsity, seed):
     prof = with_scores(blocks_profile(len(heavy), sizes=(300, 500), rows=10), torch.Generator().manual_seed(seed), heavy)
-    alloc = mrp.allocate(prof, sparsity, m=2.0, start=0.0, step=0.01)
+    step = 0.01
+    alloc = mrp.allocate(prof, sparsity, m=2.0, start=0.0, step=step)
     check_allocation("mrp", prof, alloc, sparsity)
-    # the final per-block redundancy is at least as uniform as uniform pruning's
+    # the final per-block redundancy is at least as uniform as uniform pruning's, up to what one
+    # greedy step can change a block's redundancy by
     red = mrp.redundancies(prof, alloc, m=2.0)
     flat = mrp.redundancies(prof, {x.name: sparsity for x in prof.layers}, m=2.0)
-    assert max(red) - min(red) <= max(flat) - min(flat) + 1e-9
+    back = mrp.redundancies(prof, {k: max(v - step, 0.0) for k, v in alloc.items()}, m=2.0)
+    one_step = max(abs(a - b) for a, b in zip(red, back))
+    assert max(red) - min(red) <= max(flat) - min(flat) + one_step + 1e-9
 
 
 def test_mrp_equalises_redundancy_and_follows_outliers():

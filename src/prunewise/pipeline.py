@@ -91,7 +91,7 @@ def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, 
     profile.pattern = config.pattern_obj
     name, params = config.allocator_spec
     driver = _driver(config)
-    if calib is None and (needs_calibration(config) or driver is not None):
+    if calib is None and ("input_norms" in allocator_needs(config) or driver is not None):
         if tokenizer is None:
             raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data (pass a tokenizer or calib)")
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
