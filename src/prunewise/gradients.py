@@ -75,7 +75,7 @@ def memory_estimate(model: nn.Module, seqlen: int, checkpointing: bool) -> dict[
             "activations": acts + logits}
 
 
-def _check_backward(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+def _check_backward(weights: dict[str, nn.Parameter]) -> None:
     for name, w in weights.items():
         if not w.dtype.is_floating_point:
             raise PrunewiseError(
@@ -122,7 +122,7 @@ def collect_gradients(
     path, blocks = find_blocks(model, blocks_path)
     modules = {f"{path}.{i}.{sub}": m for i, b in enumerate(blocks) for sub, m in block_linears(b)}
     weights = {name: m.weight for name, m in modules.items()}
-    _check_backward(model, weights)
+    _check_backward(weights)
     dev = torch.device(device)
     need = memory_estimate(model, calib.shape[1], checkpointing)
     have = available if available is not None else available_memory(dev)

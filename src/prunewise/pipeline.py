@@ -122,7 +122,7 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
 
     name, bound = config.allocator_spec
     first = mrp.validate(profile, config.target, **bound)
-    backup = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
+    backup = _backup(model, profile)
     levels: dict[str, float] | None = None
     history = []
     start = time.perf_counter()
@@ -158,7 +158,7 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
     heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                           bound["heldout"], cache_dir)
     grid = [0.0] + beta_grid(profile, config.target, bound["step"])
-    backup = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
+    backup = _backup(model, profile)
     curve = []
     start = time.perf_counter()
     bar = tqdm(grid, desc=f"{name} search", unit="trial", disable=not progress)
@@ -185,6 +185,11 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
         "curve": curve, "wall_s": time.perf_counter() - start,
     }
     return allocate(name, {**bound, "beta": best["beta"]}, profile, config.target), {"search": record}
+
+
+def _backup(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
+    """A copy of the prunable weights, for drivers that prune trial models and must give the dense one back."""
+    return {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
 
 
 @torch.no_grad()
