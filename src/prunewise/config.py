@@ -39,6 +39,9 @@ class PruneConfig:
     (statistics from the dense block, calibration set propagated through the pruned block);
     ``"single-pass"`` prunes each linear layer from inputs that already went through the pruned
     layers before it and runs every block once, on the whole calibration set as one batch.
+    ``tasks`` (comma-separated lm-eval task names or a preset, ``paper`` / ``atp``) adds zero-shot
+    accuracy of the dense and pruned model; ``include_path`` is a folder of local lm-eval task
+    YAML files and ``limit`` caps the examples per task (an integer, or a fraction below 1).
     """
 
     model: str = "smollm2-135m"
@@ -59,6 +62,9 @@ class PruneConfig:
     eval_data: str | None = None
     eval_seqlen: int | None = None
     max_tokens: int | None = None
+    tasks: str | None = None
+    include_path: str | None = None
+    limit: float | None = None
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -134,6 +140,17 @@ class PruneConfig:
             need(isinstance(self.eval_seqlen, int) and self.eval_seqlen >= 2, "eval_seqlen", f"must be an integer >= 2, got {self.eval_seqlen!r}")
         if self.max_tokens is not None:
             need(isinstance(self.max_tokens, int) and self.max_tokens >= 2, "max_tokens", f"must be an integer >= 2, got {self.max_tokens!r}")
+        if self.tasks is not None:
+            need(isinstance(self.tasks, str) and any(t.strip() for t in self.tasks.split(",")), "tasks",
+                 f"must be comma-separated lm-eval task names, got {self.tasks!r}")
+        if self.limit is not None:
+            lim = self.limit
+            need(isinstance(lim, (int, float)) and not isinstance(lim, bool) and lim > 0
+                 and (lim < 1 or float(lim).is_integer()), "limit",
+                 f"must be a whole number of examples or a fraction in (0, 1), got {lim!r}")
+        if self.include_path is not None:
+            need(Path(self.include_path).expanduser().is_dir(), "include_path",
+                 f"{self.include_path} is not a folder of lm-eval task YAML files")
         return self
 
     # -- serialisation -------------------------------------------------------------------------
