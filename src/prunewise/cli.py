@@ -1,4 +1,4 @@
-"""Command line: ``prunewise prune | eval | list``.
+"""Command line: ``prunewise prune | eval | sweep | report | list``.
 
 A thin skin over :mod:`prunewise.pipeline`: parse, build a :class:`PruneConfig`, call the
 library, print tables. Bad input gets one line on stderr and exit code 2 (``-v`` shows the
@@ -31,19 +31,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"converted models, token ids (default: $PRUNEWISE_CACHE or {default_cache_dir()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunewise", description="Post-training pruning of causal language models.")
-    parser.add_argument("--version", action="version", version=f"prunewise {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", help="zero-shot lm-eval tasks, comma-separated, or a preset: paper (Wanda's 7), atp "
+                   "(PIQA for RTE); e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+    p.add_argument("--include-path", dest="include_path", help="folder of local lm-eval task YAML files (offline tasks)")
+    p.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction < 1)")
 
-    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model block by block.")
+
+def _run_args(p: argparse.ArgumentParser, grid: bool) -> None:
+    """The run settings of ``prune``; with ``grid`` the four axes take lists (``sweep``)."""
     d = PruneConfig()
-    p.add_argument("--config", type=Path, help="rerun from a run record (pruning.json or its folder); other flags override it")
+    many = {"nargs": "+"} if grid else {}
     p.add_argument("--model", help=f"HF folder, .gguf file, hub id, or 'smollm2-135m' (default {d.model})")
-    p.add_argument("--metric", help=f"name[:key=value,...] (default {d.metric}; see 'prunewise list')")
-    p.add_argument("--allocator", help=f"name[:key=value,...] (default {d.allocator})")
-    p.add_argument("--sparsity", type=float, help="global target in [0, 1) (default 0.5; N/M for N:M)")
-    p.add_argument("--pattern", help="unstructured, unstructured:group=row|matrix, or N:M such as 2:4 (default unstructured)")
+    p.add_argument("--metric", **many, help=f"name[:key=value,...] (default {d.metric}; see 'prunewise list')")
+    p.add_argument("--allocator", **many, help=f"name[:key=value,...] (default {d.allocator})")
+    p.add_argument("--sparsity", type=float, **many, help="global target in [0, 1) (default 0.5; N/M for N:M)")
+    p.add_argument("--pattern", **many, help="unstructured, unstructured:group=row|matrix, or N:M such as 2:4 (default unstructured)")
     p.add_argument("--calib", help="calibration text: wiki, file:PATH, c4, wikitext2 (default wiki)")
     p.add_argument("--nsamples", type=int, help=f"calibration windows (default {d.nsamples})")
     p.add_argument("--seqlen", type=int, help=f"tokens per calibration window (default {d.seqlen})")
@@ -55,23 +58,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default auto: as stored; fp32 for GGUF)")
     p.add_argument("--blocks-path", dest="blocks_path", help="dotted path of the decoder-block ModuleList, e.g. model.layers")
     p.add_argument("--eval-data", dest="eval_data", help="evaluate dense and pruned perplexity on: wiki, file:PATH, wikitext2, c4")
-    p.add_argument("--no-eval", action="store_true", help="skip evaluation (e.g. when rerunning a record that had --eval-data)")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity (e.g. when rerunning a record that had --eval-data)")
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window (default: --seqlen)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="evaluate on the first N tokens only")
+    p.add_argument("--max-tokens", "--eval-tokens", dest="max_tokens", type=int, help="evaluate on the first N tokens only")
+    _task_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunewise", description="Post-training pruning of causal language models.")
+    parser.add_argument("--version", action="version", version=f"prunewise {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model block by block.")
+    p.add_argument("--config", type=Path, help="rerun from a run record (pruning.json or its folder); other flags override it")
+    _run_args(p, grid=False)
     p.add_argument("--out", type=Path, help="output folder for the pruned checkpoint and pruning.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--dry-run", action="store_true", help="print the per-layer targets and exit without pruning")
     _common(p)
 
+    w = sub.add_parser("sweep", help="a grid of runs (lists where prune takes one value), resumable",
+                       description="Run every combination of the listed metrics, allocators, sparsities and "
+                       "patterns on one model; one JSON line per run in OUT/results.jsonl. Finished runs are "
+                       "skipped when the sweep is run again.")
+    w.add_argument("--config", type=Path, help="TOML file with the same keys (lists for metric, allocator, "
+                   "sparsity, pattern); flags override it")
+    _run_args(w, grid=True)
+    w.add_argument("--out", type=Path, required=True, help="sweep folder: results.jsonl, sweep.json, runs/ with --save")
+    w.add_argument("--save", action="store_true", help="also save every pruned checkpoint under OUT/runs/")
+    w.add_argument("--retry-failed", action="store_true", help="run failed runs again (default: keep their error)")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
+    _common(w)
+
+    r = sub.add_parser("report", help="report.md with tables and plots from a sweep or a folder of runs")
+    r.add_argument("dir", type=Path, help="a sweep folder (results.jsonl) or a folder of prunewise runs")
+    r.add_argument("--out", type=Path, help="where report.md and the PNGs go (default: DIR)")
+    r.add_argument("--notes", type=Path, help="markdown inserted under the report's header (your conclusions)")
+    _common(r)
+
     e = sub.add_parser("eval", help="perplexity of a model (dense vs pruned for a prunewise run folder)")
     e.add_argument("--model", required=True, help="HF folder (e.g. a prunewise run), .gguf file, hub id or smollm2-135m")
-    e.add_argument("--data", default="wiki", help="wiki, file:PATH, wikitext2, c4 (default wiki)")
+    e.add_argument("--data", default="wiki", help="perplexity on: wiki, file:PATH, wikitext2, c4, or none (default wiki)")
     e.add_argument("--seqlen", type=int, default=None, help="window length (default: the run's eval seqlen, else 2048)")
     e.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="evaluate on the first N tokens only")
     e.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
     e.add_argument("--no-dense", action="store_true", help="do not evaluate the dense source model of a run")
+    _task_args(e)
     _common(e)
 
     lst = sub.add_parser("list", help="registered metrics, allocators and patterns")
@@ -153,16 +187,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"peak RSS {rec['memory']['peak_rss_gb']:.2f} GB")
     if "dense" in rec:
         print(_ppl_table([("dense", rec["dense"]), (f"pruned ({config.metric})", rec["pruned"])]))
+    if "zero_shot" in rec:
+        print(_zero_shot_table([("dense", rec["zero_shot"]["dense"]), ("pruned", rec["zero_shot"]["pruned"])]))
     print(f"saved to {args.out}" if args.out is not None else "not saved (no --out given)")
     return 0
 
 
+def _zero_shot_table(columns: list[tuple[str, dict]]) -> str:
+    """Per-task acc / acc_norm, one pair of columns per model, and the mean over tasks."""
+    tasks = list(columns[0][1]["tasks"])
+    width = max([len("average")] + [len(t) for t in tasks])
+    head = f"{'task':<{width}}" + "".join(f" {label[:19]:>19} {'':>8}" for label, _ in columns)
+    sub = f"{'':<{width}}" + "".join(f" {'acc':>19} {'acc_norm':>8}" for _ in columns)
+
+    def cell(entry: dict, key: str, w: int) -> str:
+        return f"{entry[key]:>{w}.4f}" if key in entry else f"{'-':>{w}}"
+
+    lines = [head, sub]
+    for t in tasks:
+        lines.append(f"{t:<{width}}" + "".join(f" {cell(z['tasks'][t], 'acc', 19)} {cell(z['tasks'][t], 'acc_norm', 8)}"
+                                            for _, z in columns))
+    lines.append(f"{'average':<{width}}" + "".join(f" {cell(z['average'], 'acc', 19)} {cell(z['average'], 'acc_norm', 8)}"
+                                               for _, z in columns))
+    n = columns[0][1]["tasks"][tasks[0]].get("samples")
+    lines.append(f"(0-shot, lm-eval {columns[0][1]['lm_eval']}; limit {columns[0][1]['limit']}; {n} examples in {tasks[0]})")
+    return "\n".join(lines)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import check_tasks, evaluate, zero_shot
     from .io import RECORD, read_record
     from .models import load_model
     from .pipeline import check_context
 
+    want_ppl = args.data.lower() != "none"
+    if not want_ppl and not args.tasks:
+        raise PrunewiseError("nothing to evaluate: --data none and no --tasks")
+    if args.tasks:
+        check_tasks(args.tasks, args.include_path)
     record = None
     path = Path(args.model).expanduser()
     if path.is_dir() and (path / RECORD).is_file():
@@ -176,29 +238,83 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
     kw = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
               cache_dir=args.cache_dir or default_cache_dir(), progress=not args.quiet)
-    model, tok, _ = load_model(args.model, args.dtype, args.cache_dir)
-    check_context(model, "seqlen", seqlen)
-    if args.device != "cpu":
-        model.to(args.device)
-    result = evaluate(model, tok, args.data, seqlen, **kw)
-    del model
-    rows = []
+
+    def measure(source: str, ppl: bool, tasks: bool) -> tuple[dict | None, dict | None]:
+        model, tok, _ = load_model(source, args.dtype, args.cache_dir)
+        if args.device != "cpu":
+            model.to(args.device)
+        if ppl:
+            check_context(model, "seqlen", seqlen)
+        result = evaluate(model, tok, args.data, seqlen, **kw) if ppl else None
+        acc = zero_shot(model, tok, args.tasks, include_path=args.include_path, limit=args.limit,
+                        batch_size=args.batch_size, device=args.device, progress=not args.quiet) if tasks else None
+        return result, acc
+
+    result, acc = measure(args.model, want_ppl, bool(args.tasks))
+    ppl_rows, acc_cols = [], []
     if record is not None and not args.no_dense:
         dense = record.get("dense")
-        same = dense and all(dense.get(k) == result[k] for k in ("data", "split", "seqlen", "tokens"))
-        if not same:
-            source = record.get("source", {})
-            src = source["path"] if source.get("kind") in ("folder", "gguf") else record["config"]["model"]
-            dmodel, dtok, _ = load_model(src, args.dtype, args.cache_dir)
-            if args.device != "cpu":
-                dmodel.to(args.device)
-            dense = evaluate(dmodel, dtok, args.data, seqlen, **kw)
-        rows.append(("dense " + str(record["config"]["model"]), dense))
+        same = not want_ppl or (bool(dense) and all(dense.get(k) == result[k] for k in ("data", "split", "seqlen", "tokens")))
+        dense_acc = record.get("zero_shot", {}).get("dense")
         cfg = record["config"]
-        rows.append((f"pruned ({cfg['metric']}, {record['pruning']['sparsity']:.3f})", result))
+        same_acc = bool(dense_acc) and cfg.get("tasks") == args.tasks and cfg.get("limit") == args.limit \
+            and cfg.get("include_path") == args.include_path
+        if not same or (args.tasks and not same_acc):
+            source = record.get("source", {})
+            src = source["path"] if source.get("kind") in ("folder", "gguf") else cfg["model"]
+            d_ppl, d_acc = measure(src, want_ppl and not same, bool(args.tasks) and not same_acc)
+            dense = d_ppl or dense
+            dense_acc = d_acc or dense_acc
+        label = "dense " + str(cfg["model"])
+        plabel = f"pruned ({cfg['metric']}, {record['pruning']['sparsity']:.3f})"
+        if want_ppl:
+            ppl_rows += [(label, dense), (plabel, result)]
+        if args.tasks:
+            acc_cols += [("dense", dense_acc), ("pruned", acc)]
     else:
-        rows.append((str(args.model), result))
-    print(_ppl_table(rows))
+        if want_ppl:
+            ppl_rows.append((str(args.model), result))
+        if args.tasks:
+            acc_cols.append((Path(str(args.model)).name or str(args.model), acc))
+    if ppl_rows:
+        print(_ppl_table(ppl_rows))
+    if acc_cols:
+        print(_zero_shot_table(acc_cols))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import Sweep, label, read_results, run_key, run_sweep
+
+    values = {name: getattr(args, name, None) for name in CONFIG_FIELDS}
+    if args.no_eval:
+        values["eval_data"] = None
+    if args.config is not None:
+        sweep = Sweep.from_toml(args.config, values)
+    else:
+        sweep = Sweep.from_dict({k: v for k, v in values.items() if v is not None})
+    runs, skipped = sweep.expand()
+    for combo, reason in skipped:
+        print(f"skipped {combo['metric']} / {combo['allocator']} / {combo['pattern']}: {reason}")
+    if args.dry_run:
+        status = {row["key"]: row.get("status") for row in read_results(args.out)}
+        for config in runs:
+            print(f"{run_key(config)}  {status.get(run_key(config), 'to do'):<6}  {label(config)}")
+        print(f"{len(runs)} runs, {sum(run_key(c) in status for c in runs)} already in {args.out}")
+        return 0
+    summary = run_sweep(sweep, args.out, cache_dir=args.cache_dir, progress=not args.quiet, save=args.save,
+                        retry_failed=args.retry_failed)
+    print(f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
+          f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}")
+    print(f"report: prunewise report {summary.out}")
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.dir, args.out, args.notes)
+    print(f"wrote {path}")
     return 0
 
 
@@ -245,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "list": cmd_list}
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list}
     try:
         return commands[args.command](args)
     except (PrunewiseError, ValueError) as exc:

@@ -17,7 +17,7 @@ from .config import PruneConfig, default_cache_dir
 from .data import calibration_ids, heldout_ids
 from .engine import PruneResult, allocate, build_profile, dense_input_norms, prune_model
 from .errors import ConfigError
-from .evaluate import evaluate, needs_bos, perplexity
+from .evaluate import check_tasks, evaluate, needs_bos, perplexity, zero_shot
 from .gradients import layer_gradients
 from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
 from .models import find_blocks, load_model, max_context, weight_matrix
@@ -122,7 +122,7 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
 
     name, bound = config.allocator_spec
     first = mrp.validate(profile, config.target, **bound)
-    backup = _backup(model, profile)
+    backup = backup_weights(model, profile)
     levels: dict[str, float] | None = None
     history = []
     start = time.perf_counter()
@@ -133,11 +133,11 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
             history.append({"round": r, "target": goal, "blocks": block_profile(profile, levels)})
             if r == bound["rounds"]:
                 break
-            _restore(model, backup)
+            restore_weights(model, backup)
             prune(model, tokenizer, config, calib=calib, allocation=levels, cache_dir=cache_dir, progress=False)
             _profile_stats(model, config, profile, cache_dir, calib, progress=False)
     finally:
-        _restore(model, backup)
+        restore_weights(model, backup)
     return levels, {"rounds": history, "rounds_wall_s": time.perf_counter() - start}
 
 
@@ -158,7 +158,7 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
     heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                           bound["heldout"], cache_dir)
     grid = [0.0] + beta_grid(profile, config.target, bound["step"])
-    backup = _backup(model, profile)
+    backup = backup_weights(model, profile)
     curve = []
     start = time.perf_counter()
     bar = tqdm(grid, desc=f"{name} search", unit="trial", disable=not progress)
@@ -174,9 +174,9 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
             model.train(was_training)
             curve.append({"beta": beta, "ppl": ppl})
             bar.set_postfix(beta=f"{beta:.4f}", ppl=f"{ppl:.3f}")
-            _restore(model, backup)
+            restore_weights(model, backup)
     finally:
-        _restore(model, backup)
+        restore_weights(model, backup)
     best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
     log.info("%s: beta=%g chosen (held-out ppl %.3f over %d trials)", name, best["beta"], best["ppl"], len(curve))
     record = {
@@ -187,13 +187,13 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
     return allocate(name, {**bound, "beta": best["beta"]}, profile, config.target), {"search": record}
 
 
-def _backup(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
+def backup_weights(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
     """A copy of the prunable weights, for drivers that prune trial models and must give the dense one back."""
     return {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
 
 
 @torch.no_grad()
-def _restore(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     for name, w in weights.items():
         weight_matrix(model.get_submodule(name)).copy_(w)
 
@@ -256,6 +256,16 @@ def _evaluate_on(model: nn.Module, tokenizer, config: PruneConfig, kwargs: dict[
         model.to("cpu")
 
 
+def _zero_shot_on(model: nn.Module, tokenizer, config: PruneConfig, progress: bool) -> dict:
+    """Zero-shot accuracy on ``config.tasks`` with the whole model on ``config.device``."""
+    model.to(config.device)
+    try:
+        return zero_shot(model, tokenizer, config.tasks, include_path=config.include_path, limit=config.limit,
+                         batch_size=config.batch_size, device=config.device, progress=progress)
+    finally:
+        model.to("cpu")
+
+
 @dataclass
 class RunOutput:
     record: dict[str, Any]
@@ -264,36 +274,29 @@ class RunOutput:
     result: PruneResult | None
 
 
-def run(
-    config: PruneConfig,
-    *,
-    out: Path | None = None,
-    overwrite: bool = False,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    dry_run: bool = False,
-) -> RunOutput:
-    """Load the model, prune it, evaluate dense and pruned (if ``eval_data``) and save to ``out``."""
-    config.validate()
-    if out is not None and not dry_run:
-        check_output_dir(Path(out), overwrite)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    t_start = time.perf_counter()
-    model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
-    needs_data = needs_calibration(config)
-    if needs_data:
-        check_context(model, "seqlen", config.seqlen)
+def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, progress: bool = True) -> dict:
+    """``{"dense": perplexity, "zero_shot": {"dense": ...}}`` as configured (either may be absent)."""
+    out: dict[str, Any] = {}
     if config.eval_data:
-        check_context(model, "eval_seqlen", config.eval_seqlen or config.seqlen)
-    record: dict[str, Any] = {
-        "config": config.to_dict(),
-        "source": {"kind": source.kind, "path": source.path},
-        "versions": versions(),
-    }
-    # Calibration data before anything long: a bad source fails first.
-    calib = None
-    if needs_data:
-        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+        out["dense"] = _evaluate_on(model, tokenizer, config, _eval_kwargs(config, cache_dir, progress))
+        log.info("dense perplexity %.3f", out["dense"]["ppl"])
+    if config.tasks:
+        out["zero_shot"] = {"dense": _zero_shot_on(model, tokenizer, config, progress)}
+    return out
+
+
+def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[str, Any]:
+    return dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens,
+                device=config.device, cache_dir=cache_dir, progress=progress)
+
+
+def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None,
+                       cache_dir: Path, progress: bool = True, dense: bool = True,
+                       dry_run: bool = False) -> tuple[dict[str, Any], PruneResult | None]:
+    """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the record
+    sections (``allocation``, ``dense``, ``pruning``, ``pruned``, ``zero_shot``, ``timings``) and the
+    engine's result. ``dense=False`` skips the dense evaluation (a sweep measures it once)."""
+    record: dict[str, Any] = {}
     planned = _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
     allocation = planned.allocation
     record["allocation"] = {
@@ -306,14 +309,12 @@ def run(
             {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}
             for x in planned.profile.layers
         ]
-        return RunOutput(record, model, tokenizer, None)
-    eval_kwargs = dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens,
-                       device=config.device, cache_dir=cache_dir, progress=progress)
-    if config.eval_data:
-        record["dense"] = _evaluate_on(model, tokenizer, config, eval_kwargs)
-        log.info("dense perplexity %.3f", record["dense"]["ppl"])
+        return record, None
+    if dense:
+        record.update(evaluate_dense(model, tokenizer, config, cache_dir, progress))
     t_prune = time.perf_counter()
-    result = prune(model, tokenizer, config, calib=calib, allocation=allocation, progress=progress)
+    result = prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir,
+                   progress=progress)
     prune_s = time.perf_counter() - t_prune
     record["pruning"] = {
         "blocks_path": result.blocks_path,
@@ -329,9 +330,60 @@ def run(
             for r in result.layers
         ],
     }
+    timings = record["timings"] = {}
     if config.eval_data:
-        record["pruned"] = _evaluate_on(model, tokenizer, config, eval_kwargs)
+        t0 = time.perf_counter()
+        record["pruned"] = _evaluate_on(model, tokenizer, config, _eval_kwargs(config, cache_dir, progress))
+        timings["eval_s"] = time.perf_counter() - t0
         log.info("pruned perplexity %.3f", record["pruned"]["ppl"])
+    if config.tasks:
+        t0 = time.perf_counter()
+        record.setdefault("zero_shot", {})["pruned"] = _zero_shot_on(model, tokenizer, config, progress)
+        timings["zero_shot_s"] = time.perf_counter() - t0
+    return record, result
+
+
+def check_inputs(model: nn.Module, config: PruneConfig) -> None:
+    """Context lengths and task names, checked before any long work."""
+    if needs_calibration(config):
+        check_context(model, "seqlen", config.seqlen)
+    if config.eval_data:
+        check_context(model, "eval_seqlen", config.eval_seqlen or config.seqlen)
+    if config.tasks:
+        check_tasks(config.tasks, config.include_path)
+
+
+def run(
+    config: PruneConfig,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> RunOutput:
+    """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save to ``out``."""
+    config.validate()
+    if out is not None and not dry_run:
+        check_output_dir(Path(out), overwrite)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    t_start = time.perf_counter()
+    model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
+    check_inputs(model, config)
+    record: dict[str, Any] = {
+        "config": config.to_dict(),
+        "source": {"kind": source.kind, "path": source.path},
+        "versions": versions(),
+    }
+    # Calibration data before anything long: a bad source fails first.
+    calib = None
+    if needs_calibration(config):
+        calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+    sections, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
+                                          progress=progress, dry_run=dry_run)
+    record.update(sections)
+    if dry_run:
+        return RunOutput(record, model, tokenizer, None)
     record["wall_s"] = time.perf_counter() - t_start
     record["memory"] = peak_memory()
     if out is not None:

@@ -1,0 +1,316 @@
+"""Sweeps: a grid of pruning runs over one model, resumable, one JSON line per run.
+
+A :class:`Sweep` holds the fixed settings of every run (a :class:`PruneConfig`) and lists for
+the four grid axes: metrics, allocators, sparsities and patterns. :meth:`Sweep.expand` makes the
+runs: every unstructured pattern is crossed with every sparsity; an N:M pattern fixes the
+sparsity at N/M and runs once; combinations that cannot run (an allocator without N:M support
+with an N:M pattern) are skipped with their reason.
+
+:func:`run_sweep` loads the model once, keeps a copy of the dense prunable weights and restores
+it before every run; the calibration windows are tokenized once and every statistic that does
+not depend on the run (dense activation norms, spectra, gradients) comes from the content-keyed
+cache (:mod:`prunewise.statcache`), so each run pays only for its allocator, its sequential
+pruned pass and its evaluation. The dense baseline (perplexity, zero-shot) is measured once.
+
+Each run is keyed by a SHA-256 of its full config (:func:`run_key`); results go to
+``<out>/results.jsonl`` as one line per run, appended and flushed as soon as the run ends, so a
+rerun of the same sweep skips finished runs and an interrupted sweep resumes where it stopped.
+A run that raises is recorded with its error (``"status": "failed"``) and the sweep goes on;
+``retry_failed`` runs those again. Pruned checkpoints are written only with ``save``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .config import PruneConfig, default_cache_dir
+from .errors import ConfigError, PrunewiseError
+from .masks import parse_pattern
+from .registry import ALLOCATORS, parse_spec
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+SPEC = "sweep.json"
+AXES = ("metric", "allocator", "sparsity", "pattern")
+# Fields of the dense baseline's key: what changes the dense numbers.
+DENSE_FIELDS = ("model", "dtype", "device", "batch_size", "eval_data", "eval_seqlen", "seqlen", "max_tokens",
+                "tasks", "include_path", "limit")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+@dataclass
+class Sweep:
+    """Fixed settings (``base``) plus lists for the grid axes."""
+
+    base: PruneConfig = field(default_factory=PruneConfig)
+    metrics: list[str] = field(default_factory=lambda: ["wanda"])
+    allocators: list[str] = field(default_factory=lambda: ["uniform"])
+    sparsities: list[float] = field(default_factory=lambda: [0.5])
+    patterns: list[str] = field(default_factory=lambda: ["unstructured"])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sweep:
+        """Keys of :class:`PruneConfig`; ``metric``, ``allocator``, ``sparsity`` and ``pattern`` take
+        a list or one value; ``tasks`` a list or a comma-separated string."""
+        data = dict(data)
+        axes = {k: _as_list(data.pop(k, None)) for k in AXES}
+        if isinstance(data.get("tasks"), (list, tuple)):
+            data["tasks"] = ",".join(data["tasks"])
+        if "eval_tokens" in data:
+            data["max_tokens"] = data.pop("eval_tokens")
+        base = PruneConfig.from_dict(data)
+        defaults = cls()
+        return cls(
+            base=base,
+            metrics=[str(x) for x in axes["metric"]] or defaults.metrics,
+            allocators=[str(x) for x in axes["allocator"]] or defaults.allocators,
+            sparsities=[float(x) for x in axes["sparsity"]] or defaults.sparsities,
+            patterns=[str(x) for x in axes["pattern"]] or defaults.patterns,
+        )
+
+    @classmethod
+    def from_toml(cls, path: Path, overrides: dict[str, Any] | None = None) -> Sweep:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PrunewiseError(f"config: no sweep file at {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PrunewiseError(f"config: {path} is not valid TOML: {exc}") from None
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metrics, "allocator": self.allocators, "sparsity": self.sparsities,
+                "pattern": self.patterns, **{k: v for k, v in self.base.to_dict().items() if k not in AXES}}
+
+    def expand(self) -> tuple[list[PruneConfig], list[tuple[dict[str, Any], str]]]:
+        """The runs in grid order (pattern, sparsity, metric, allocator), and the skipped combinations."""
+        runs: list[PruneConfig] = []
+        skipped: list[tuple[dict[str, Any], str]] = []
+        seen: set[str] = set()
+        for pattern in self.patterns:
+            is_nm = parse_pattern(pattern).is_nm
+            for sparsity, metric, allocator in itertools.product(
+                [None] if is_nm else self.sparsities, self.metrics, self.allocators
+            ):
+                alloc_name, _ = parse_spec(allocator, "allocator")
+                if is_nm and not ALLOCATORS.get(alloc_name).extra.get("nm"):
+                    skipped.append(({"metric": metric, "allocator": allocator, "pattern": pattern},
+                                    f"'{alloc_name}' needs an unstructured pattern"))
+                    continue
+                config = self.base.replace(metric=metric, allocator=allocator, sparsity=sparsity,
+                                           pattern=pattern).validate()
+                key = run_key(config)
+                if key not in seen:
+                    seen.add(key)
+                    runs.append(config)
+        if not runs:
+            raise ConfigError("sweep: the grid has no run that can execute")
+        return runs, skipped
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_key(config: PruneConfig) -> str:
+    """16 hex digits of the SHA-256 of the full config: equal configs, equal keys."""
+    return _digest(config.to_dict())
+
+
+def dense_key(config: PruneConfig) -> str:
+    return _digest({"dense": {k: getattr(config, k) for k in DENSE_FIELDS}})
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Every result line of ``path`` (a results.jsonl or its folder); a torn last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line skipped (an interrupted write?)", path, i)
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    import os
+
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def label(config: PruneConfig | dict[str, Any]) -> str:
+    c = config if isinstance(config, dict) else config.to_dict()
+    target = "" if parse_pattern(c["pattern"]).is_nm else f" {c['sparsity'] if c['sparsity'] is not None else 0.5:g}"
+    return f"{c['metric']} / {c['allocator']} / {c['pattern']}{target}"
+
+
+@dataclass
+class SweepSummary:
+    out: Path
+    ran: int = 0
+    skipped_done: int = 0
+    failed: int = 0
+    skipped_invalid: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _slug(config: PruneConfig, key: str) -> str:
+    import re
+
+    text = f"{config.metric}-{config.allocator}-{config.pattern}-{config.target:g}"
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)[:80] + f"-{key[:8]}"
+
+
+def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
+              save: bool = False, retry_failed: bool = False) -> SweepSummary:
+    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``."""
+    from .engine import build_profile
+    from .io import peak_memory, save_run, versions, write_record
+    from .models import find_blocks, load_model
+    from .pipeline import (
+        backup_weights,
+        check_inputs,
+        evaluate_dense,
+        needs_calibration,
+        prune_and_evaluate,
+        restore_weights,
+    )
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    runs, skipped = sweep.expand()
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS
+    write_record(out / SPEC, {"sweep": sweep.to_dict(), "runs": len(runs),
+                              "skipped": [{**c, "reason": r} for c, r in skipped]})
+    summary = SweepSummary(out, skipped_invalid=skipped)
+    if results_path.is_file() and not results_path.read_bytes().endswith(b"\n"):
+        with open(results_path, "ab") as fh:  # a torn last line (killed mid-write) stays on its own line
+            fh.write(b"\n")
+    done = {}
+    for row in read_results(results_path):
+        if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed):
+            done[row["key"]] = row["status"]
+    todo = [c for c in runs if run_key(c) not in done]
+    summary.skipped_done = len(runs) - len(todo)
+    base = runs[0]
+    dkey = dense_key(base)
+    need_dense = (base.eval_data or base.tasks) and dkey not in done
+    if not todo and not need_dense:
+        summary.wall_s = time.perf_counter() - t_start
+        return summary
+
+    model, tokenizer, source = load_model(base.model, base.dtype, cache_dir)
+    for config in runs:
+        check_inputs(model, config)
+    calib = None
+    if any(needs_calibration(c) for c in todo):
+        from .data import calibration_ids
+
+        calib = calibration_ids(tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
+    dense_weights = backup_weights(model, build_profile(*find_blocks(model, base.blocks_path)))
+    common = {"source": {"kind": source.kind, "path": source.path}, "versions": versions()}
+
+    if need_dense:
+        t0 = time.perf_counter()
+        dense = evaluate_dense(model, tokenizer, base, cache_dir, progress)
+        row = {"key": dkey, "kind": "dense", "status": "ok", "finished": _now(),
+               "config": {k: getattr(base, k) for k in DENSE_FIELDS},
+               "ppl": dense.get("dense"), "zero_shot": dense.get("zero_shot", {}).get("dense"),
+               "wall_s": time.perf_counter() - t0, **common}
+        _append(results_path, row)
+        if row["ppl"]:
+            tqdm.write(f"dense: perplexity {row['ppl']['ppl']:.3f}")
+
+    bar = tqdm(todo, desc="sweep", unit="run", disable=not progress)
+    for i, config in enumerate(bar, 1):
+        key = run_key(config)
+        bar.set_postfix_str(label(config))
+        restore_weights(model, dense_weights)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"key": key, "kind": "run", "config": config.to_dict(), "target": config.target}
+        try:
+            sections, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
+                                                  progress=False, dense=False)
+            alloc = {k: v for k, v in sections["allocation"].items() if k != "layers"}
+            row.update({
+                "status": "ok", "sparsity": result.sparsity, "ppl": sections.get("pruned"),
+                "zero_shot": sections.get("zero_shot", {}).get("pruned"), "allocation": alloc,
+                "mask_sha256": sections["pruning"]["mask_sha256"],
+                "timings": {"plan_s": alloc["wall_s"], "prune_s": sections["pruning"]["wall_s"],
+                            **sections["pruning"]["timings"], **sections["timings"]},
+            })
+            if save:
+                record = {"config": config.to_dict(), **common, **sections,
+                          "wall_s": time.perf_counter() - t0, "memory": peak_memory()}
+                row["saved"] = str(save_run(model, tokenizer, out / "runs" / _slug(config, key), record,
+                                            overwrite=True))
+            summary.ran += 1
+        except Exception as exc:  # recorded, and the sweep goes on
+            row.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=-3)})
+            summary.failed += 1
+            log.debug("run %s failed", key, exc_info=True)
+        row.update({"wall_s": time.perf_counter() - t0, "finished": _now(), "memory": peak_memory(), **common})
+        _append(results_path, row)
+        if row["status"] == "ok":
+            ppl = f"perplexity {row['ppl']['ppl']:.3f}" if row.get("ppl") else "no perplexity"
+            acc = (row.get("zero_shot") or {}).get("average", {}).get("acc")
+            acc_text = f", mean acc {acc:.4f}" if acc is not None else ""
+            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: {ppl}{acc_text} (sparsity {row['sparsity']:.6f}, "
+                       f"{row['wall_s']:.1f} s)")
+        else:
+            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: FAILED {row['error']}")
+    restore_weights(model, dense_weights)
+    summary.wall_s = time.perf_counter() - t_start
+    return summary
+
+
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last line of every key (a retried run supersedes its failure), in first-seen order."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_key[row["key"]] = row
+    return list(by_key.values())
+
+
