@@ -14,7 +14,9 @@ Zero-shot (:func:`zero_shot`): EleutherAI lm-evaluation-harness >= 0.4 (``pip in
 from disk), 0-shot, ``acc`` and ``acc_norm`` per task and their unweighted mean over tasks. The
 papers' tasks are :data:`PAPER_TASKS` (Wanda, OWL, AlphaPruning) and :data:`ATP_TASKS` (PIQA
 instead of RTE); the papers report ``acc``. ``include_path`` adds local task folders in lm-eval's
-YAML format, so tasks can run offline on local data.
+YAML format, so tasks can run offline on local data. prunewise ships one offline task of its own,
+``wiki_cloze`` (:data:`BUILTIN_TASKS`): choose the true end of a sentence of the bundled Wikipedia
+test split among four (chance 25%).
 
 Deviations from reference: the papers ran forks of lm-eval pinned to 2023 commits (task
 versions 0, BoolQ 1); lm-eval >= 0.4 ships newer task versions, so absolute accuracies can differ
@@ -42,6 +44,8 @@ BOS_PER_WINDOW = ("gemma", "gemma2", "gemma3", "gemma3_text")
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ATP_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASK_PRESETS = {"paper": PAPER_TASKS, "atp": ATP_TASKS}
+# prunewise's own offline tasks (lm-eval YAML): wiki_cloze, on the bundled Wikipedia test split.
+BUILTIN_TASKS = Path(__file__).parent / "tasks"
 
 
 def needs_bos(model: nn.Module, tokenizer) -> int | None:
@@ -143,18 +147,21 @@ def check_tasks(tasks: str | list[str], include_path: str | Path | None = None) 
 
 @functools.lru_cache(maxsize=4)
 def _task_manager(tasks: tuple[str, ...], include_path: str | None):
-    """lm-eval's task index; the built-in tasks are indexed (about 10 s) only when a task needs them."""
+    """lm-eval's task index over prunewise's own tasks (:data:`BUILTIN_TASKS`) and ``include_path``;
+    lm-eval's built-in tasks are indexed too (about 10 s) only when a requested task needs them."""
     _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
+    paths = [str(BUILTIN_TASKS)]
     if include_path is not None:
         path = Path(include_path).expanduser()
         if not path.is_dir():
             raise PrunewiseError(f"include_path: {path} is not a folder of lm-eval task YAML files")
-        local = TaskManager(include_path=str(path), include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
-            return local
-    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+        paths.append(str(path))
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+        return local
+    manager = TaskManager(include_path=paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         import difflib
