@@ -12,6 +12,7 @@ sparsity profile of each allocator.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class Row:
     search: dict | None = None
     error: str | None = None
     wall_s: float | None = None
+    timings: dict = field(default_factory=dict)
 
     @property
     def nm(self) -> bool:
@@ -52,7 +54,7 @@ def _from_sweep_line(line: dict[str, Any]) -> Row:
                status=line.get("status", "ok"), sparsity=line.get("sparsity"),
                ppl=(line.get("ppl") or {}).get("ppl"), zero_shot=line.get("zero_shot"),
                blocks=alloc.get("blocks", []), search=alloc.get("search"), error=line.get("error"),
-               wall_s=line.get("wall_s"))
+               wall_s=line.get("wall_s"), timings=line.get("timings") or {})
 
 
 def _from_record(rec: dict[str, Any]) -> Row:
@@ -272,8 +274,11 @@ def plot_allocator_profiles(rows: list[Row], allocator: str, path: Path) -> Path
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False, sharey=True)
     for i, c in enumerate(cols):
         ax = axes[i // ncol][i % ncol]
-        for r in sorted((r for r in ok if (r.pattern, r.target) == c), key=lambda r: r.metric):
-            ax.plot(range(len(r.blocks)), r.blocks, marker=".", label=r.metric)
+        for k, r in enumerate(sorted((r for r in ok if (r.pattern, r.target) == c), key=lambda r: r.metric)):
+            # later lines thinner and dashed, so allocations that coincide (OWL's does not depend
+            # on the metric) stay visible
+            ax.plot(range(len(r.blocks)), r.blocks, label=r.metric, linewidth=max(3.0 - 0.7 * k, 0.8),
+                    linestyle=("-", "--", "-.", ":")[k % 4])
         ax.axhline(c[1], color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{_col_name(c)}", fontsize=9)
         ax.set_xlabel("block")
@@ -354,13 +359,21 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
         md += ["## Failed runs", ""]
         md += [f"- {r.metric} / {r.allocator} / {r.pattern} {r.target:g}: `{r.error}`" for r in failed]
         md.append("")
-    times = defaultdict(list)
+    times = defaultdict(lambda: defaultdict(list))
     for r in ok:
         if r.wall_s is not None:
-            times[_base(r.metric)].append(r.wall_s)
+            times[_base(r.metric)]["run"].append(r.wall_s)
+            for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s"):
+                if k in r.timings:
+                    times[_base(r.metric)][k].append(r.timings[k])
     if times:
-        md += ["## Time per run", "", "| metric | runs | mean s | max s |", "|---|---:|---:|---:|"]
-        md += [f"| {m} | {len(v)} | {sum(v) / len(v):.1f} | {max(v):.1f} |" for m, v in times.items()]
+        md += ["## Time per run (median seconds)", "",
+               "| metric | runs | allocator | prune | perplexity | zero-shot | whole run |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for m, t in times.items():
+            cells = [f"{statistics.median(t[k]):.1f}" if t.get(k) else "-"
+                     for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s", "run")]
+            md.append(f"| {m} | {len(t['run'])} | " + " | ".join(cells) + " |")
         md.append("")
     path = out / REPORT
     path.write_text("\n".join(md), encoding="utf-8")
