@@ -216,8 +216,11 @@ def zero_shot_table(rows: list[Row], dense_zs: dict | None) -> str | None:
 
     if dense_zs:
         lines.append(line("dense", "-", "-", "0", dense_zs))
-    for r in sorted(zs, key=lambda r: (r.nm, r.target, METRIC_ORDER.index(_base(r.metric))
-                                       if _base(r.metric) in METRIC_ORDER else 99, r.metric, r.allocator)):
+    def rank(name: str, order: tuple[str, ...]) -> int:
+        return order.index(_base(name)) if _base(name) in order else len(order)
+
+    for r in sorted(zs, key=lambda r: (r.nm, r.target, rank(r.metric, METRIC_ORDER), r.metric,
+                                       rank(r.allocator, ALLOCATOR_ORDER), r.allocator)):
         lines.append(line(r.metric, r.allocator, r.pattern, f"{r.target:g}", r.zero_shot))
     return "\n".join(lines)
 
