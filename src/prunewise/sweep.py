@@ -26,6 +26,8 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -165,8 +167,6 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
-    import os
-
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
@@ -194,8 +194,6 @@ class SweepSummary:
 
 
 def _slug(config: PruneConfig, key: str) -> str:
-    import re
-
     text = f"{config.metric}-{config.allocator}-{config.pattern}-{config.target:g}"
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)[:80] + f"-{key[:8]}"
 
@@ -227,10 +225,8 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
     if results_path.is_file() and not results_path.read_bytes().endswith(b"\n"):
         with open(results_path, "ab") as fh:  # a torn last line (killed mid-write) stays on its own line
             fh.write(b"\n")
-    done = {}
-    for row in read_results(results_path):
-        if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed):
-            done[row["key"]] = row["status"]
+    done = {row["key"] for row in read_results(results_path)
+            if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed)}
     todo = [c for c in runs if run_key(c) not in done]
     summary.skipped_done = len(runs) - len(todo)
     base = runs[0]
