@@ -72,8 +72,7 @@ def main() -> None:
     from prunewise.config import default_cache_dir
     from prunewise.data import calibration_ids, load_text, tokenize
     from prunewise.engine import dense_input_norms
-    from prunewise.models import weight_matrix
-    from prunewise.pipeline import _plan, _restore
+    from prunewise.pipeline import _plan, backup_weights, restore_weights
     from prunewise.runtime import keep_freed_memory
 
     keep_freed_memory()
@@ -86,7 +85,7 @@ def main() -> None:
     test_ids = tokenize(tok, load_text("wiki", "evaluation").text, default_cache_dir())
     profile_cfg = pw.PruneConfig(model="smollm2-135m", nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
     profile = _plan(model, profile_cfg, stat_cache, tokenizer=tok, calib=calib, progress=False).profile
-    dense = {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
+    dense = backup_weights(model, profile)
     norms = dense_input_norms(model, calib, progress=False)
 
     def ppl() -> float:
@@ -119,7 +118,7 @@ def main() -> None:
                 row = {"metric": metric, "allocator": alloc, "spec": spec, "sparsity": sparsity, "cold": cold}
                 try:
                     t0 = time.perf_counter()
-                    planned = _plan(model, cfg, stat_cache, tokenizer=tok, calib=calib, progress=False)
+                    planned = _plan(model, cfg, stat_cache, tokenizer=tok, calib=calib, progress=False, dense_weights=dense)
                     row["plan_s"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     res = pw.prune(model, tok, cfg, calib=calib, allocation=planned.allocation, progress=False)
@@ -136,7 +135,7 @@ def main() -> None:
                 except Exception as exc:  # record and go on
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 finally:
-                    _restore(model, dense)
+                    restore_weights(model, dense)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k not in ("blocks", "search")}), flush=True)

@@ -176,3 +176,19 @@ def test_report_from_a_folder_of_runs(setup, tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| magnitude | uniform |" in md and "| wanda | uniform |" in md
     assert "wanda beats magnitude" in md
+
+
+def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp_path):
+    """ATP's beta search and MRP's dynamic rounds prune trial models inside a sweep and restore
+    the dense weights from the sweep's own copy: the rows equal the same runs done alone."""
+    _, base = setup
+    sweep = grid(base, metrics=["wanda"], allocators=["atp:beta=auto,step=0.05", "mrp:stats=dynamic"],
+                 sparsities=[0.6], patterns=["unstructured"])
+    run_sweep(sweep, tmp_path / "s", progress=False)
+    rows = {r["key"]: r for r in read_results(tmp_path / "s")}
+    for config in sweep.expand()[0]:
+        alone = run(config, progress=False).record
+        row = rows[run_key(config)]
+        assert row["mask_sha256"] == alone["pruning"]["mask_sha256"]
+        assert row["ppl"]["ppl"] == alone["pruned"]["ppl"]
+    assert len(rows[run_key(sweep.expand()[0][0])]["allocation"]["search"]["curve"]) > 2

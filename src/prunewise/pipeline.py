@@ -81,7 +81,8 @@ def _profile_stats(model: nn.Module, config: PruneConfig, profile: Profile, cach
 
 
 def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
-          calib: torch.Tensor | None = None, progress: bool = True) -> Plan:
+          calib: torch.Tensor | None = None, progress: bool = True,
+          dense_weights: dict[str, torch.Tensor] | None = None) -> Plan:
     config.validate()
     start = time.perf_counter()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -98,7 +99,10 @@ def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, 
     _profile_stats(model, config, profile, cache_dir, calib, progress)
     if driver is None:
         return Plan(profile, allocate(name, params, profile, config.target), {}, time.perf_counter() - start)
-    allocation, details = driver(model, tokenizer, config, profile, calib, cache_dir, progress)
+    # Drivers prune trial models and give the dense weights back: from the caller's copy when it
+    # has one (a sweep keeps one for all its runs), else from their own.
+    backup = dense_weights if dense_weights is not None else backup_weights(model, profile)
+    allocation, details = driver(model, tokenizer, config, profile, calib, cache_dir, progress, backup)
     check_allocation(name, profile, allocation, config.target)
     return Plan(profile, allocation, details, time.perf_counter() - start)
 
@@ -114,7 +118,8 @@ def _driver(config: PruneConfig):
 
 
 def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
-                 cache_dir: Path, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+                 cache_dir: Path, progress: bool, backup: dict[str, torch.Tensor],
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
     """MRP with dynamic statistics: the budget is placed in ``rounds`` equal parts; after each part
     but the last, the model is pruned with the allocation so far (the run's metric) and the scores
     are re-measured on that sparse model (its weights, and activations of a dense-propagated pass)."""
@@ -122,7 +127,6 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
 
     name, bound = config.allocator_spec
     first = mrp.validate(profile, config.target, **bound)
-    backup = backup_weights(model, profile)
     levels: dict[str, float] | None = None
     history = []
     start = time.perf_counter()
@@ -142,7 +146,8 @@ def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Prof
 
 
 def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
-            cache_dir: Path, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+            cache_dir: Path, progress: bool, backup: dict[str, torch.Tensor],
+            ) -> tuple[dict[str, float], dict[str, Any]]:
     """Grid-search an allocator's ``auto`` hyper-parameter by perplexity on held-out calibration text.
 
     Every candidate prunes the model exactly as the run will (same metric, pattern, mode and
@@ -158,7 +163,6 @@ def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, 
     heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                           bound["heldout"], cache_dir)
     grid = [0.0] + beta_grid(profile, config.target, bound["step"])
-    backup = backup_weights(model, profile)
     curve = []
     start = time.perf_counter()
     bar = tqdm(grid, desc=f"{name} search", unit="trial", disable=not progress)
@@ -291,13 +295,16 @@ def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[s
 
 
 def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None,
-                       cache_dir: Path, progress: bool = True, dense: bool = True,
-                       dry_run: bool = False) -> tuple[dict[str, Any], PruneResult | None]:
+                       cache_dir: Path, progress: bool = True, dense: bool = True, dry_run: bool = False,
+                       dense_weights: dict[str, torch.Tensor] | None = None,
+                       ) -> tuple[dict[str, Any], PruneResult | None]:
     """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the record
     sections (``allocation``, ``dense``, ``pruning``, ``pruned``, ``zero_shot``, ``timings``) and the
-    engine's result. ``dense=False`` skips the dense evaluation (a sweep measures it once)."""
+    engine's result. ``dense=False`` skips the dense evaluation (a sweep measures it once);
+    ``dense_weights`` is a copy of the dense prunable weights that allocator searches restore from."""
     record: dict[str, Any] = {}
-    planned = _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
+    planned = _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress,
+                    dense_weights=dense_weights)
     allocation = planned.allocation
     record["allocation"] = {
         "allocator": config.allocator, "wall_s": planned.wall_s,

@@ -267,7 +267,7 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
         row: dict[str, Any] = {"key": key, "kind": "run", "config": config.to_dict(), "target": config.target}
         try:
             sections, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                                  progress=False, dense=False)
+                                                  progress=False, dense=False, dense_weights=dense_weights)
             alloc = {k: v for k, v in sections["allocation"].items() if k != "layers"}
             row.update({
                 "status": "ok", "sparsity": result.sparsity, "ppl": sections.get("pruned"),
