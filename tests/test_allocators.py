@@ -22,10 +22,11 @@ from prunewise.allocation import (
     weighted_mean,
 )
 from prunewise.data import heldout_windows, sample_windows
-from prunewise.engine import dense_input_norms
+from prunewise.allocation.providers import dense_input_norms
+from prunewise.blocks import BlockSource
 from prunewise.errors import ConfigError, PrunewiseError
 from prunewise.masks import Pattern
-from prunewise.pipeline import _plan
+from prunewise.pipeline import plan as _plan
 
 
 def blocks_profile(n_blocks: int, sizes=(6, 10), rows: int = 2) -> Profile:
@@ -237,7 +238,7 @@ def test_mrp_score_follows_metric_and_no_signal_is_uniform():
 
 def test_dense_input_norms_match_a_full_forward(calib):
     model = tiny_model("qwen2")
-    norms = dense_input_norms(model, calib, batch_size=2, progress=False)
+    norms = dense_input_norms(BlockSource(model), calib, batch_size=2, progress=False)
     sq: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
@@ -277,7 +278,7 @@ def test_owl_plan_caches_statistics_by_content(calib, tmp_path):
 def test_mixed_nm_masks_exact_per_group(allocator, metric, calib, tmp_path):
     model = tiny_model("llama")
     cfg = pw.PruneConfig(model="x", metric=metric, allocator=allocator, pattern="4:8", nsamples=4, seqlen=16)
-    alloc = pw.plan(model, cfg, tmp_path, calib=calib, progress=False)
+    alloc = pw.plan(model, cfg, tmp_path, calib=calib, progress=False).allocation
     res = pw.prune(model, None, cfg, calib=calib, allocation=alloc, progress=False)
     per_block = {r.block: round(r.target * 8) for r in res.layers}
     assert len(set(per_block.values())) > 1 and sum(per_block.values()) == 4 * len(per_block)
@@ -290,7 +291,7 @@ def test_mixed_nm_masks_exact_per_group(allocator, metric, calib, tmp_path):
 
 @pytest.mark.parametrize("allocator", ["alphapruning", "mrp"])
 def test_allocators_without_mixed_nm_refuse_nm(allocator):
-    with pytest.raises(ConfigError, match=f"'{allocator}' needs an unstructured pattern; with N:M use one of atp, owl, uniform"):
+    with pytest.raises(ConfigError, match=f"'{allocator}' needs an unstructured pattern; with N:M use one of uniform, owl, atp"):
         pw.PruneConfig(model="x", allocator=allocator, pattern="2:4").validate()
 
 
@@ -373,7 +374,7 @@ def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
     first = mrp.fill(prof, 0.4, None, **params)
     assert block_profile(prof, first) == pytest.approx(rounds[0]["blocks"])
     pw.prune(model, None, cfg, calib=calib, allocation=first, progress=False)
-    prof.stats["input_norms"] = dense_input_norms(model, calib, progress=False)
+    prof.stats["input_norms"] = dense_input_norms(BlockSource(model), calib, progress=False)
     final = mrp.fill(prof, 0.6, first, **params)
     assert final == pytest.approx(planned.allocation)
     assert final != pytest.approx(mrp.fill(_plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib,

@@ -3,7 +3,7 @@ import torch
 
 import prunewise as pw
 from conftest import ARCHS, LINEARS_PER_BLOCK, tiny_model
-from prunewise.engine import replay
+from prunewise.blocks import replay
 from prunewise.errors import PrunewiseError
 from prunewise.models import block_linears, find_blocks, weight_matrix
 

@@ -106,22 +106,23 @@ def test_alphapruning_exponents_match_reference_code(tmp_path):
     the AlphaPruning reference code at alpha 1.41 to 18.3, mean 4.01 on this model."""
     import prunewise as pw
     from prunewise.allocation.esd import alpha_hill
-    from prunewise.engine import build_profile
-    from prunewise.models import find_blocks
-    from prunewise.spectra import layer_eigenvalues
+    from prunewise.allocation.planner import build_profile
+    from prunewise.allocation.providers import StatContext, provide
+    from prunewise.blocks import BlockSource
 
     model, _, _ = pw.load_model("smollm2-135m")
-    profile = build_profile(*find_blocks(model))
-    eig = layer_eigenvalues(model, profile, tmp_path, progress=False)
+    profile = build_profile(BlockSource(model))
+    ctx = StatContext(BlockSource(model), profile, tmp_path, progress=False)
+    eig = provide(("eigenvalues",), ctx)["eigenvalues"]
     alphas = torch.tensor([alpha_hill(eig[x.name], "xmin_peak", faithful_log10=True) for x in profile.layers])
     assert alphas.min().item() == pytest.approx(1.41, abs=0.01)
     assert alphas.max().item() == pytest.approx(18.3, abs=0.05)
     assert alphas.mean().item() == pytest.approx(4.01, abs=0.01)
     assert len(list((tmp_path / "spectra").glob("*.pt"))) == 210
     # cached by weight fingerprint: a second call reads the same spectra back
-    again = layer_eigenvalues(model, profile, tmp_path, progress=False)
+    again = provide(("eigenvalues",), ctx)["eigenvalues"]
     assert all(torch.equal(eig[k], again[k]) for k in eig)
-    alloc = pw.plan(model, pw.PruneConfig(metric="wanda", allocator="alphapruning", sparsity=0.7), tmp_path)
+    alloc = pw.plan(model, pw.PruneConfig(metric="wanda", allocator="alphapruning", sparsity=0.7), tmp_path).allocation
     total = sum(x.numel for x in profile.layers)
     assert sum(alloc[x.name] * x.numel for x in profile.layers) / total == pytest.approx(0.7, abs=1e-9)
 
@@ -176,10 +177,10 @@ def test_sweep_with_zero_shot_and_report(tmp_path, capsys):
     assert main(argv) == 0
     rows = {r["config"].get("metric", "dense"): r for r in read_results(out)}
     dense_acc = rows["dense"]["zero_shot"]["tasks"]["wiki_cloze"]["acc"]
-    mag_acc = rows["magnitude"]["zero_shot"]["tasks"]["wiki_cloze"]["acc"]
-    assert rows["magnitude"]["zero_shot"]["tasks"]["wiki_cloze"]["samples"] == 40
+    mag_acc = rows["magnitude"]["zero_shot"]["pruned"]["tasks"]["wiki_cloze"]["acc"]
+    assert rows["magnitude"]["zero_shot"]["pruned"]["tasks"]["wiki_cloze"]["samples"] == 40
     assert dense_acc > 0.6 and mag_acc < dense_acc - 0.25, (dense_acc, mag_acc)
-    assert rows["wanda"]["ppl"]["ppl"] < rows["magnitude"]["ppl"]["ppl"]
+    assert rows["wanda"]["pruned"]["ppl"] < rows["magnitude"]["pruned"]["ppl"]
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "## Zero-shot accuracy (%)" in md and "wiki_cloze" in md and "wanda beats magnitude" in md

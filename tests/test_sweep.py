@@ -9,6 +9,7 @@ from prunewise.cli import main
 from prunewise.config import PruneConfig
 from prunewise.errors import ConfigError, PrunewiseError
 from prunewise.pipeline import run
+from prunewise.record import RunRecord
 from prunewise.report import comparisons, load_rows, results_table, write_report
 from prunewise.sweep import RESULTS, Sweep, read_results, run_key, run_sweep
 
@@ -66,10 +67,11 @@ def test_sweep_equals_single_runs_then_resumes(setup, tmp_path):
     for config in (runs[4], runs[-1], runs[8]):  # sparsegpt / owl, gblm / atp 2:4, gblm / atp
         alone = run(config, progress=False).record
         row = by_key[run_key(config)]
-        assert row["mask_sha256"] == alone["pruning"]["mask_sha256"]
-        assert row["ppl"]["ppl"] == alone["pruned"]["ppl"]
-        assert row["sparsity"] == alone["pruning"]["sparsity"]
-        assert rows[0]["ppl"]["ppl"] == alone["dense"]["ppl"]
+        assert row["pruning"]["mask_sha256"] == alone.mask_sha256
+        assert row["pruned"]["ppl"] == alone.pruned["ppl"]
+        assert row["pruning"]["sparsity"] == alone.sparsity
+        assert rows[0]["ppl"]["ppl"] == alone.dense["ppl"]
+        assert RunRecord.from_dict(row).mask_sha256 == alone.mask_sha256 and "layers" not in row["pruning"]
     # Rerun: nothing to do. Interrupted (last two lines lost, a torn line): exactly those two run again.
     again = run_sweep(sweep, out, progress=False)
     assert (again.ran, again.skipped_done) == (0, 18)
@@ -79,8 +81,8 @@ def test_sweep_equals_single_runs_then_resumes(setup, tmp_path):
     assert (resumed.ran, resumed.skipped_done) == (2, 16)
     final = read_results(out)
     assert {r["key"] for r in final if r["kind"] == "run"} == {run_key(c) for c in runs}
-    assert {r["key"]: r["mask_sha256"] for r in final[-2:]} == {
-        r["key"]: r["mask_sha256"] for r in rows[-2:]}
+    assert {r["key"]: r["pruning"]["mask_sha256"] for r in final[-2:]} == {
+        r["key"]: r["pruning"]["mask_sha256"] for r in rows[-2:]}
 
 
 def test_failed_run_is_recorded_and_sweep_goes_on(setup, tmp_path, capsys):
@@ -118,7 +120,8 @@ def test_toml_with_overrides_dry_run_and_save(setup, tmp_path, capsys):
                  "unstructured", "--out", str(out), "--save", "-q"]) == 0
     row = read_results(out)[-1]
     saved = json.loads((out / "runs" / row["saved"].split("/")[-1] / "pruning.json").read_text())
-    assert saved["pruning"]["mask_sha256"] == row["mask_sha256"]
+    assert saved["pruning"]["mask_sha256"] == row["pruning"]["mask_sha256"]
+    assert saved["schema"] == 2 and saved["output"]["format"] == "safetensors"
     bad = tmp_path / "bad.toml"
     bad.write_text('metric = ["wanda"]\nsparsityy = 0.5\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown field.*sparsityy"):
@@ -189,6 +192,6 @@ def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp
     for config in sweep.expand()[0]:
         alone = run(config, progress=False).record
         row = rows[run_key(config)]
-        assert row["mask_sha256"] == alone["pruning"]["mask_sha256"]
-        assert row["ppl"]["ppl"] == alone["pruned"]["ppl"]
+        assert row["pruning"]["mask_sha256"] == alone.mask_sha256
+        assert row["pruned"]["ppl"] == alone.pruned["ppl"]
     assert len(rows[run_key(sweep.expand()[0][0])]["allocation"]["search"]["curve"]) > 2

@@ -15,6 +15,7 @@ Public API::
 __version__ = "0.1.0"
 
 from . import allocation, metrics  # noqa: E402,F401  (register the methods)
+from .allocation.planner import Plan  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .engine import PruneResult, prune_model  # noqa: E402
 from .errors import ConfigError, PrunewiseError  # noqa: E402
@@ -27,7 +28,7 @@ from .report import write_report  # noqa: E402
 from .sweep import Sweep, run_sweep  # noqa: E402
 
 __all__ = [
-    "ALLOCATORS", "METRICS", "ConfigError", "PruneConfig", "PruneResult", "PrunewiseError",
+    "ALLOCATORS", "METRICS", "ConfigError", "Plan", "PruneConfig", "PruneResult", "PrunewiseError",
     "evaluate", "find_blocks", "load_model", "parse_pattern", "perplexity", "plan", "prune",
     "prune_model", "run", "Sweep", "run_sweep", "write_report", "zero_shot",
 ]

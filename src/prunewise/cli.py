@@ -16,7 +16,11 @@ from pathlib import Path
 from . import __version__
 from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
 from .errors import PrunewiseError
+from .export import EXPORTERS
+from .plots import save_profile_plot
+from .record import RunRecord
 from .registry import ALLOCATORS, METRICS
+from .tables import block_table, layer_table, ppl_table, zero_shot_columns
 
 log = logging.getLogger("prunewise")
 
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, grid=False)
     p.add_argument("--out", type=Path, help="output folder for the pruned checkpoint and pruning.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--format", default="safetensors", help=f"checkpoint format ({', '.join(EXPORTERS.names())}; "
+                   "default safetensors)")
     p.add_argument("--dry-run", action="store_true", help="print the per-layer targets and exit without pruning")
     _common(p)
 
@@ -116,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     base: dict = {}
     if args.config is not None:
-        from .io import read_record
-
-        base = dict(read_record(args.config)["config"])
+        base = dict(RunRecord.read(args.config).config)
     for name in CONFIG_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
@@ -128,158 +132,53 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig.from_dict(base).validate()
 
 
-def _fmt_ppl(entry: dict | None) -> str:
-    return f"{entry['ppl']:.3f}" if entry else "-"
-
-
-def _ppl_table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"{'model':<28} {'perplexity':>11}  {'data':<10} {'split':<12} {'seqlen':>6} {'tokens':>8}"]
-    for label, e in rows:
-        lines.append(f"{label:<28} {e['ppl']:>11.3f}  {e['data']:<10} {e['split']:<12} {e['seqlen']:>6} {e['tokens']:>8}")
-    return "\n".join(lines)
-
-
-def _block_table(layers: list[dict]) -> str:
-    blocks: dict[int, list[dict]] = {}
-    for layer in layers:
-        blocks.setdefault(layer["block"], []).append(layer)
-    lines = [f"{'block':>5} {'layers':>6} {'params':>10} {'target':>8} {'achieved':>9}"]
-    for b, ls in sorted(blocks.items()):
-        n = sum(x["shape"][0] * x["shape"][1] for x in ls)
-        tgt = sum(x["target"] * x["shape"][0] * x["shape"][1] for x in ls) / n
-        ach = sum(x["zeros"] for x in ls) / n if all("zeros" in x for x in ls) else float("nan")
-        lines.append(f"{b:>5} {len(ls):>6} {n:>10} {tgt:>8.4f} {ach:>9.4f}")
-    return "\n".join(lines)
-
-
-def _layer_table(layers: list[dict]) -> str:
-    lines = [f"{'layer':<40} {'shape':>12} {'target':>8} {'achieved':>9}"]
-    for x in layers:
-        lines.append(f"{x['name']:<40} {'x'.join(map(str, x['shape'])):>12} {x['target']:>8.4f} {x['achieved']:>9.4f}")
-    return "\n".join(lines)
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
 
     config = _config_from_args(args)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
-                 progress=not args.quiet, dry_run=args.dry_run)
+                 progress=not args.quiet, dry_run=args.dry_run, format=args.format)
     rec = output.record
-    search = rec["allocation"].get("search")
+    if args.out is not None and not args.dry_run:
+        save_profile_plot(rec, args.out)
+    search = rec.search
     if search:
         best = min(c["ppl"] for c in search["curve"])
         print(f"{config.allocator_spec[0]}: {search['parameter']}={search['chosen']:g} chosen from {len(search['curve'])} "
               f"trials by perplexity on {search['heldout']['windows']} held-out calibration windows "
               f"({best:.3f}; {search['wall_s']:.1f} s)")
     if args.dry_run:
-        layers = rec["allocation"]["layers"]
+        layers = rec.allocation["layers"]
         print(f"allocation '{config.allocator}' at target {config.target:g} ({len(layers)} layers):")
-        print(_block_table(layers))
+        print(block_table(layers))
         return 0
-    pr = rec["pruning"]
+    pr = rec.pruning
     if args.verbose:
-        print(_layer_table(pr["layers"]))
+        print(layer_table(pr["layers"]))
     elif not args.quiet:
-        print(_block_table(pr["layers"]))
+        print(block_table(pr["layers"]))
     print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
           f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}) in {pr['wall_s']:.1f} s, "
-          f"peak RSS {rec['memory']['peak_rss_gb']:.2f} GB")
-    if "dense" in rec:
-        print(_ppl_table([("dense", rec["dense"]), (f"pruned ({config.metric})", rec["pruned"])]))
-    if "zero_shot" in rec:
-        print(_zero_shot_table([("dense", rec["zero_shot"]["dense"]), ("pruned", rec["zero_shot"]["pruned"])]))
+          f"peak RSS {rec.memory['peak_rss_gb']:.2f} GB")
+    if rec.dense:
+        print(ppl_table([("dense", rec.dense), (f"pruned ({config.metric})", rec.pruned)]))
+    if rec.zero_shot:
+        print(zero_shot_columns([("dense", rec.zero_shot["dense"]), ("pruned", rec.zero_shot["pruned"])]))
     print(f"saved to {args.out}" if args.out is not None else "not saved (no --out given)")
     return 0
 
 
-def _zero_shot_table(columns: list[tuple[str, dict]]) -> str:
-    """Per-task acc / acc_norm, one pair of columns per model, and the mean over tasks."""
-    tasks = list(columns[0][1]["tasks"])
-    width = max([len("average")] + [len(t) for t in tasks])
-    head = f"{'task':<{width}}" + "".join(f" {label[:19]:>19} {'':>8}" for label, _ in columns)
-    sub = f"{'':<{width}}" + "".join(f" {'acc':>19} {'acc_norm':>8}" for _ in columns)
-
-    def cell(entry: dict, key: str, w: int) -> str:
-        return f"{entry[key]:>{w}.4f}" if key in entry else f"{'-':>{w}}"
-
-    lines = [head, sub]
-    for t in tasks:
-        lines.append(f"{t:<{width}}" + "".join(f" {cell(z['tasks'][t], 'acc', 19)} {cell(z['tasks'][t], 'acc_norm', 8)}"
-                                            for _, z in columns))
-    lines.append(f"{'average':<{width}}" + "".join(f" {cell(z['average'], 'acc', 19)} {cell(z['average'], 'acc_norm', 8)}"
-                                               for _, z in columns))
-    n = columns[0][1]["tasks"][tasks[0]].get("samples")
-    lines.append(f"(0-shot, lm-eval {columns[0][1]['lm_eval']}; limit {columns[0][1]['limit']}; {n} examples in {tasks[0]})")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import check_tasks, evaluate, zero_shot
-    from .io import RECORD, read_record
-    from .models import load_model
-    from .pipeline import check_context
+    from .pipeline import evaluate_run
 
-    want_ppl = args.data.lower() != "none"
-    if not want_ppl and not args.tasks:
-        raise PrunewiseError("nothing to evaluate: --data none and no --tasks")
-    if args.tasks:
-        check_tasks(args.tasks, args.include_path)
-    record = None
-    path = Path(args.model).expanduser()
-    if path.is_dir() and (path / RECORD).is_file():
-        record = read_record(path)
-    seqlen = args.seqlen
-    if seqlen is None and record is not None:
-        cfg = record["config"]
-        seqlen = cfg.get("eval_seqlen") or cfg.get("seqlen")
-    seqlen = seqlen or 2048
-    if seqlen < 2:
-        raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
-    kw = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
-              cache_dir=args.cache_dir or default_cache_dir(), progress=not args.quiet)
-
-    def measure(source: str, ppl: bool, tasks: bool) -> tuple[dict | None, dict | None]:
-        model, tok, _ = load_model(source, args.dtype, args.cache_dir)
-        if args.device != "cpu":
-            model.to(args.device)
-        if ppl:
-            check_context(model, "seqlen", seqlen)
-        result = evaluate(model, tok, args.data, seqlen, **kw) if ppl else None
-        acc = zero_shot(model, tok, args.tasks, include_path=args.include_path, limit=args.limit,
-                        batch_size=args.batch_size, device=args.device, progress=not args.quiet) if tasks else None
-        return result, acc
-
-    result, acc = measure(args.model, want_ppl, bool(args.tasks))
-    ppl_rows, acc_cols = [], []
-    if record is not None and not args.no_dense:
-        dense = record.get("dense")
-        same = not want_ppl or (bool(dense) and all(dense.get(k) == result[k] for k in ("data", "split", "seqlen", "tokens")))
-        dense_acc = record.get("zero_shot", {}).get("dense")
-        cfg = record["config"]
-        same_acc = bool(dense_acc) and cfg.get("tasks") == args.tasks and cfg.get("limit") == args.limit \
-            and cfg.get("include_path") == args.include_path
-        if not same or (args.tasks and not same_acc):
-            source = record.get("source", {})
-            src = source["path"] if source.get("kind") in ("folder", "gguf") else cfg["model"]
-            d_ppl, d_acc = measure(src, want_ppl and not same, bool(args.tasks) and not same_acc)
-            dense = d_ppl or dense
-            dense_acc = d_acc or dense_acc
-        label = "dense " + str(cfg["model"])
-        plabel = f"pruned ({cfg['metric']}, {record['pruning']['sparsity']:.3f})"
-        if want_ppl:
-            ppl_rows += [(label, dense), (plabel, result)]
-        if args.tasks:
-            acc_cols += [("dense", dense_acc), ("pruned", acc)]
-    else:
-        if want_ppl:
-            ppl_rows.append((str(args.model), result))
-        if args.tasks:
-            acc_cols.append((Path(str(args.model)).name or str(args.model), acc))
-    if ppl_rows:
-        print(_ppl_table(ppl_rows))
-    if acc_cols:
-        print(_zero_shot_table(acc_cols))
+    out = evaluate_run(args.model, data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, tasks=args.tasks,
+                       include_path=args.include_path, limit=args.limit, dense=not args.no_dense,
+                       cache_dir=args.cache_dir, progress=not args.quiet)
+    if out.perplexity:
+        print(ppl_table(out.perplexity))
+    if out.zero_shot:
+        print(zero_shot_columns(out.zero_shot))
     return 0
 
 

@@ -29,6 +29,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "prunewise"
 
 
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache folder to use: ``cache_dir`` if given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """One pruning run.

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import PrunewiseError
+from .statcache import cached
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +132,11 @@ def _tokenizer_key(tokenizer) -> str:
 
 
 def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tensor:
-    """Token ids of ``text`` (no special tokens), cached on disk when ``cache_dir`` is given."""
-    path = None
-    if cache_dir is not None:
-        key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + _tokenizer_key(tokenizer)
-        path = Path(cache_dir) / "tokens" / f"{key}.pt"
-        if path.is_file():
-            return torch.load(path)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
-        torch.save(ids, tmp)
-        tmp.replace(path)
-    return ids
+    """Token ids of ``text`` (no special tokens), cached under ``<cache_dir>/tokens/`` by the text and
+    the tokenizer (``None``: the default cache)."""
+    key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + _tokenizer_key(tokenizer)
+    return cached(cache_dir, "tokens", key, lambda: torch.tensor(
+        tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long))
 
 
 def _window_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[int]:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .blocks import BlockSource, replay_step
 from .data import load_text, tokenize
 from .errors import PrunewiseError
 
@@ -66,8 +66,12 @@ def perplexity(
     device: str = "cpu",
     bos_id: int | None = None,
     progress: bool = True,
+    blocks_path: str | None = None,
 ) -> dict:
-    """Perplexity of ``model`` on the 1-D token stream ``ids``; returns the number and its protocol."""
+    """Perplexity of ``model`` on the 1-D token stream ``ids``; returns the number and its protocol.
+
+    The windows go through the block loop (:mod:`prunewise.blocks`), so only one decoder block at a
+    time is on ``device``."""
     step = seqlen - 1 if bos_id is not None else seqlen
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -77,11 +81,14 @@ def perplexity(
     windows = ids[: nwin * step].view(nwin, step)
     if bos_id is not None:
         windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=windows.dtype), windows], dim=1)
-    dev = torch.device(device)
+    # Through the block loop: one block at a time on the device, logits per batch from the model's own head.
+    source = BlockSource(model, blocks_path, device)
+    inputs = source.capture(windows, batch_size)
+    hidden = source.walk(replay_step, inputs, desc="perplexity", progress=progress)
     losses = []
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = batch.to(dev)
-        logits = model(input_ids=batch, use_cache=False).logits
+    for batch, h in zip(windows.split(batch_size), hidden):
+        batch = batch.to(source.device)
+        logits = source.logits(h, batch, inputs.as_tuple)
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
         )
@@ -102,6 +109,7 @@ def evaluate(
     device: str = "cpu",
     cache_dir: Path | None = None,
     progress: bool = True,
+    blocks_path: str | None = None,
 ) -> dict:
     """Perplexity on a named evaluation source (``wiki``, ``file:PATH``, ``wikitext2``, ``c4``)."""
     text = load_text(data, "evaluation")
@@ -110,7 +118,7 @@ def evaluate(
     model.eval()
     try:
         out = perplexity(model, ids, seqlen, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                         bos_id=needs_bos(model, tokenizer), progress=progress)
+                         bos_id=needs_bos(model, tokenizer), progress=progress, blocks_path=blocks_path)
     finally:
         model.train(was_training)
     return {"data": text.name, "split": text.split, **out}

@@ -12,15 +12,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_folder
 from .errors import PrunewiseError
 
 log = logging.getLogger(__name__)
@@ -87,15 +85,9 @@ def bundled_model_dir(name: str, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("cached %s at %s", name, target)
     return target
 

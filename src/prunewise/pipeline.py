@@ -10,185 +10,112 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .allocation import Profile, block_profile, check_allocation
-from .config import PruneConfig, default_cache_dir
+from .allocation import Profile, block_profile, planner
+from .allocation.planner import Plan, build_profile
+from .allocation.providers import StatContext, provide
+from .blocks import BlockSource
+from .config import PruneConfig, resolve_cache_dir
 from .data import calibration_ids, heldout_ids
-from .engine import PruneResult, allocate, build_profile, dense_input_norms, prune_model
-from .errors import ConfigError
+from .engine import PruneOptions, PruneResult, prune_blocks
+from .errors import ConfigError, PrunewiseError
 from .evaluate import check_tasks, evaluate, needs_bos, perplexity, zero_shot
-from .gradients import layer_gradients
+from .export import EXPORTERS
 from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
-from .models import find_blocks, load_model, max_context, weight_matrix
-from .registry import ALLOCATORS, METRICS
-from .spectra import layer_eigenvalues
-from .statcache import cached, fingerprint, model_fingerprint
+from .models import load_model, max_context, weight_matrix
+from .record import RECORD, RunRecord
+from .registry import METRICS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Plan:
-    """The per-layer targets of a run and how they were found."""
-
-    profile: Profile
-    allocation: dict[str, float]
-    details: dict[str, Any] = field(default_factory=dict)  # {"search": ...} (ATP) or {"rounds": ...} (MRP dynamic)
-    wall_s: float = 0.0
 
 
 def allocator_needs(config: PruneConfig) -> tuple[str, ...]:
     """The statistics the configured allocator needs (some depend on its parameters and the metric)."""
     name, params = config.allocator_spec
-    entry = ALLOCATORS.get(name)
-    needs_for = entry.extra.get("needs_for")
-    return tuple(needs_for(params, config.metric_spec[0])) if needs_for else entry.needs
+    return planner.allocator_needs(name, params, config.metric_spec[0])
 
 
 def needs_calibration(config: PruneConfig) -> bool:
-    """Whether the run reads calibration data (for its metric or its allocator)."""
-    return bool(METRICS.get(config.metric_spec[0]).needs) or "input_norms" in allocator_needs(config)
+    """Whether the run reads calibration data (for its metric, its allocator's statistics or its driver)."""
+    name, params = config.allocator_spec
+    return (bool(METRICS.get(config.metric_spec[0]).needs) or "input_norms" in allocator_needs(config)
+            or planner.driver_of(name, params) is not None)
+
+
+def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: torch.Tensor | None,
+                 progress: bool, profile: Profile | None = None) -> StatContext:
+    """What statistic providers read for this run (the model as a block source, calibration ids, cache)."""
+    source = BlockSource(model, config.blocks_path, config.device)
+    metric, params = config.metric_spec
+    if profile is None:
+        profile = build_profile(source)
+        profile.metric = metric
+        profile.pattern = config.pattern_obj
+    return StatContext(source, profile, cache_dir, calib, config.batch_size, METRICS.get(metric), params, progress)
 
 
 def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
-         calib: torch.Tensor | None = None, progress: bool = True) -> dict[str, float]:
-    """The per-layer sparsity targets ``{linear name: sparsity}`` for ``model`` (the model is left as it was).
-
-    Allocators that read calibration data (OWL, MRP with Wanda scores, ATP's beta search) need
-    ``tokenizer`` or ``calib``.
-    """
-    return _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress).allocation
-
-
-def _profile_stats(model: nn.Module, config: PruneConfig, profile: Profile, cache_dir: Path,
-                   calib: torch.Tensor | None, progress: bool) -> None:
-    name = config.allocator_spec[0]
-    for need in allocator_needs(config):
-        if need == "eigenvalues":
-            profile.stats[need] = layer_eigenvalues(model, profile, cache_dir, progress)
-        elif need == "weights":
-            profile.stats[need] = {x.name: weight_matrix(model.get_submodule(x.name)) for x in profile.layers}
-        elif need == "input_norms":
-            if calib is None:
-                raise ValueError(f"allocator '{name}' needs calibration data (pass a tokenizer or calib)")
-            key = fingerprint(calib, extra=f"{model_fingerprint(model)}:{config.blocks_path}")
-            profile.stats[need] = cached(cache_dir, "input_norms", key, lambda: dense_input_norms(
-                model, calib, batch_size=config.batch_size, device=config.device,
-                blocks_path=config.blocks_path, progress=progress))
-        else:
-            raise ValueError(f"allocator '{name}' needs '{need}', which prunewise cannot compute yet")
-
-
-def _plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
-          calib: torch.Tensor | None = None, progress: bool = True,
-          dense_weights: dict[str, torch.Tensor] | None = None) -> Plan:
+         calib: torch.Tensor | None = None, progress: bool = True,
+         dense_weights: dict[str, torch.Tensor] | None = None) -> Plan:
+    """The per-layer sparsity targets of ``config`` for ``model`` and how they were found; the model
+    is left as it was. Allocators that read calibration data (OWL, MRP with Wanda scores) need
+    ``tokenizer`` or ``calib``; drivers that prune trial models (ATP's search) need ``tokenizer``
+    for held-out text. ``dense_weights`` (a copy of the dense prunable weights, as a sweep keeps)
+    is what trials restore from; without it the planner takes its own copy."""
     config.validate()
-    start = time.perf_counter()
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path, blocks = find_blocks(model, config.blocks_path)
-    profile = build_profile(path, blocks)
-    profile.metric = config.metric_spec[0]
-    profile.pattern = config.pattern_obj
+    cache_dir = resolve_cache_dir(cache_dir)
     name, params = config.allocator_spec
-    driver = _driver(config)
+    driver = planner.driver_of(name, params)
     if calib is None and ("input_norms" in allocator_needs(config) or driver is not None):
         if tokenizer is None:
-            raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data (pass a tokenizer or calib)")
+            raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data "
+                             "(pass a tokenizer or calib)")
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
-    _profile_stats(model, config, profile, cache_dir, calib, progress)
-    if driver is None:
-        return Plan(profile, allocate(name, params, profile, config.target), {}, time.perf_counter() - start)
-    # Drivers prune trial models and give the dense weights back: from the caller's copy when it
-    # has one (a sweep keeps one for all its runs), else from their own.
-    backup = dense_weights if dense_weights is not None else backup_weights(model, profile)
-    allocation, details = driver(model, tokenizer, config, profile, calib, cache_dir, progress, backup)
-    check_allocation(name, profile, allocation, config.target)
-    return Plan(profile, allocation, details, time.perf_counter() - start)
+    ctx = stat_context(model, config, cache_dir, calib, progress)
+    trials = None
+    if driver is not None:
+        backup = dense_weights if dense_weights is not None else backup_weights(model, ctx.profile)
+        trials = _trials(model, tokenizer, config, calib, cache_dir, backup)
+    return planner.make_plan(ctx, name, params, config.target, trials)
 
 
-def _driver(config: PruneConfig):
-    """The pipeline-level loop an allocator setting needs (it prunes the model), or None."""
-    name, bound = config.allocator_spec  # bound: every hyper-parameter, defaults filled in
-    if name == "atp" and bound["beta"] == "auto":
-        return _search
-    if name == "mrp" and bound["stats"] == "dynamic":
-        return _mrp_dynamic
-    return None
+def _trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tensor | None, cache_dir: Path,
+            backup: dict[str, torch.Tensor]) -> planner.Trials:
+    """The model operations an allocator driver may use: prune as the run will, score on held-out
+    calibration windows, re-measure statistics, restore the dense weights."""
+    name = config.allocator_spec[0]
+    heldout: dict[int, torch.Tensor] = {}
 
+    def heldout_ids_for(windows: int) -> torch.Tensor:
+        if tokenizer is None:
+            raise ValueError(f"allocator '{name}': the search needs the tokenizer to read held-out text")
+        if windows not in heldout:
+            heldout[windows] = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                           windows, cache_dir)
+        return heldout[windows]
 
-def _mrp_dynamic(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
-                 cache_dir: Path, progress: bool, backup: dict[str, torch.Tensor],
-                 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """MRP with dynamic statistics: the budget is placed in ``rounds`` equal parts; after each part
-    but the last, the model is pruned with the allocation so far (the run's metric) and the scores
-    are re-measured on that sparse model (its weights, and activations of a dense-propagated pass)."""
-    from .allocation import mrp
-
-    name, bound = config.allocator_spec
-    first = mrp.validate(profile, config.target, **bound)
-    levels: dict[str, float] | None = None
-    history = []
-    start = time.perf_counter()
-    try:
-        for r in tqdm(range(1, bound["rounds"] + 1), desc="mrp rounds", unit="round", disable=not progress):
-            goal = first + (config.target - first) * r / bound["rounds"]
-            levels = mrp.fill(profile, goal, levels, **bound)
-            history.append({"round": r, "target": goal, "blocks": block_profile(profile, levels)})
-            if r == bound["rounds"]:
-                break
-            restore_weights(model, backup)
-            prune(model, tokenizer, config, calib=calib, allocation=levels, cache_dir=cache_dir, progress=False)
-            _profile_stats(model, config, profile, cache_dir, calib, progress=False)
-    finally:
+    def trial_prune(allocation: dict[str, float]) -> None:
         restore_weights(model, backup)
-    return levels, {"rounds": history, "rounds_wall_s": time.perf_counter() - start}
+        prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir, progress=False)
 
-
-def _search(model: nn.Module, tokenizer, config: PruneConfig, profile: Profile, calib: torch.Tensor | None,
-            cache_dir: Path, progress: bool, backup: dict[str, torch.Tensor],
-            ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Grid-search an allocator's ``auto`` hyper-parameter by perplexity on held-out calibration text.
-
-    Every candidate prunes the model exactly as the run will (same metric, pattern, mode and
-    calibration set); the weights of the prunable layers are restored after each trial. The
-    candidate ``0`` (uniform) is always scored, so the search never does worse than uniform on
-    the held-out text.
-    """
-    from .allocation.atp import beta_grid
-
-    name, bound = config.allocator_spec
-    if tokenizer is None:
-        raise ValueError(f"allocator '{name}': the search needs the tokenizer to read held-out text")
-    heldout = heldout_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                          bound["heldout"], cache_dir)
-    grid = [0.0] + beta_grid(profile, config.target, bound["step"])
-    curve = []
-    start = time.perf_counter()
-    bar = tqdm(grid, desc=f"{name} search", unit="trial", disable=not progress)
-    try:
-        for beta in bar:
-            trial = {**bound, "beta": beta}
-            allocation = allocate(name, trial, profile, config.target)
-            prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir, progress=False)
-            was_training = model.training
-            model.eval()
-            ppl = perplexity(model, heldout.reshape(-1), config.seqlen, device=config.device,
-                             bos_id=needs_bos(model, tokenizer), progress=False)["ppl"]
+    def trial_perplexity(windows: int) -> float:
+        ids = heldout_ids_for(windows).reshape(-1)
+        was_training = model.training
+        model.eval()
+        try:
+            return perplexity(model, ids, config.seqlen, device=config.device, bos_id=needs_bos(model, tokenizer),
+                              blocks_path=config.blocks_path, progress=False)["ppl"]
+        finally:
             model.train(was_training)
-            curve.append({"beta": beta, "ppl": ppl})
-            bar.set_postfix(beta=f"{beta:.4f}", ppl=f"{ppl:.3f}")
-            restore_weights(model, backup)
-    finally:
-        restore_weights(model, backup)
-    best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
-    log.info("%s: beta=%g chosen (held-out ppl %.3f over %d trials)", name, best["beta"], best["ppl"], len(curve))
-    record = {
-        "parameter": "beta", "chosen": best["beta"], "criterion": "perplexity on held-out calibration windows",
-        "heldout": {"data": config.calib, "windows": int(heldout.shape[0]), "seqlen": config.seqlen},
-        "curve": curve, "wall_s": time.perf_counter() - start,
-    }
-    return allocate(name, {**bound, "beta": best["beta"]}, profile, config.target), {"search": record}
+
+    def describe(windows: int) -> dict[str, Any]:
+        return {"data": config.calib, "windows": int(heldout_ids_for(windows).shape[0]), "seqlen": config.seqlen}
+
+    def remeasure(profile: Profile) -> None:
+        ctx = stat_context(model, config, cache_dir, calib, False, profile)
+        profile.stats.update(provide(allocator_needs(config), ctx))
+
+    return planner.Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup))
 
 
 def backup_weights(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
@@ -230,34 +157,22 @@ def prune(
         check_context(model, "seqlen", config.seqlen if calib is None else calib.shape[1])
     if calib is None and (needs_data or (allocation is None and needs_calibration(config))):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                cache_dir or default_cache_dir())
+                                resolve_cache_dir(cache_dir))
     if allocation is None:
-        allocation = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress)
+        allocation = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress).allocation
+    entry = METRICS.get(metric)
+    ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, progress)
     grads, grad_s = None, 0.0
-    if "grad" in METRICS.get(metric).needs:
+    if "grad" in entry.needs:
         t0 = time.perf_counter()
-        grads = layer_gradients(model, calib, norm=params["norm"], scale=params["scale"],
-                                checkpointing=params["checkpointing"], device=config.device,
-                                blocks_path=config.blocks_path, cache_dir=cache_dir or default_cache_dir(),
-                                progress=progress)
+        grads = provide(("grad",), ctx)["grad"]
         grad_s = time.perf_counter() - t0
-    result = prune_model(
-        model, calib, metric=metric, metric_params=params, allocation=allocation, pattern=config.pattern_obj,
-        mode=config.mode, propagate=config.propagate, batch_size=config.batch_size, device=config.device,
-        blocks_path=config.blocks_path, progress=progress, grads=grads,
-    )
+    opts = PruneOptions(entry, params, allocation, config.pattern_obj, config.mode, config.propagate,
+                        config.batch_size, grads)
+    result = prune_blocks(ctx.source, calib, opts, progress)
     if grads is not None:
         result.timings["gradients_s"] = grad_s
     return result
-
-
-def _evaluate_on(model: nn.Module, tokenizer, config: PruneConfig, kwargs: dict[str, Any]) -> dict:
-    """Evaluate with the whole model on ``config.device``; pruning keeps it on the CPU between blocks."""
-    model.to(config.device)
-    try:
-        return evaluate(model, tokenizer, config.eval_data, **kwargs)
-    finally:
-        model.to("cpu")
 
 
 def _zero_shot_on(model: nn.Module, tokenizer, config: PruneConfig, progress: bool) -> dict:
@@ -272,58 +187,57 @@ def _zero_shot_on(model: nn.Module, tokenizer, config: PruneConfig, progress: bo
 
 @dataclass
 class RunOutput:
-    record: dict[str, Any]
+    record: RunRecord
     model: nn.Module
     tokenizer: Any
     result: PruneResult | None
 
 
-def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, progress: bool = True) -> dict:
-    """``{"dense": perplexity, "zero_shot": {"dense": ...}}`` as configured (either may be absent)."""
-    out: dict[str, Any] = {}
+def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, progress: bool = True,
+                   record: RunRecord | None = None) -> RunRecord:
+    """Fill ``record.dense`` (perplexity) and ``record.zero_shot["dense"]`` as configured."""
+    record = record if record is not None else RunRecord(config.to_dict())
     if config.eval_data:
-        out["dense"] = _evaluate_on(model, tokenizer, config, _eval_kwargs(config, cache_dir, progress))
-        log.info("dense perplexity %.3f", out["dense"]["ppl"])
+        record.dense = evaluate(model, tokenizer, config.eval_data, **_eval_kwargs(config, cache_dir, progress))
+        log.info("dense perplexity %.3f", record.dense["ppl"])
     if config.tasks:
-        out["zero_shot"] = {"dense": _zero_shot_on(model, tokenizer, config, progress)}
-    return out
+        record.zero_shot["dense"] = _zero_shot_on(model, tokenizer, config, progress)
+    return record
 
 
 def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[str, Any]:
-    return dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens,
-                device=config.device, cache_dir=cache_dir, progress=progress)
+    return dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens, device=config.device,
+                blocks_path=config.blocks_path, cache_dir=cache_dir, progress=progress)
 
 
 def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None,
                        cache_dir: Path, progress: bool = True, dense: bool = True, dry_run: bool = False,
                        dense_weights: dict[str, torch.Tensor] | None = None,
-                       ) -> tuple[dict[str, Any], PruneResult | None]:
-    """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the record
-    sections (``allocation``, ``dense``, ``pruning``, ``pruned``, ``zero_shot``, ``timings``) and the
-    engine's result. ``dense=False`` skips the dense evaluation (a sweep measures it once);
-    ``dense_weights`` is a copy of the dense prunable weights that allocator searches restore from."""
-    record: dict[str, Any] = {}
-    planned = _plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress,
-                    dense_weights=dense_weights)
+                       ) -> tuple[RunRecord, PruneResult | None]:
+    """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the run's
+    record (without source, versions and totals, which the caller knows) and the engine's result.
+    ``dense=False`` skips the dense evaluation (a sweep measures it once); ``dense_weights`` is a
+    copy of the dense prunable weights that allocator drivers restore from."""
+    record = RunRecord(config.to_dict())
+    planned = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress,
+                   dense_weights=dense_weights)
     allocation = planned.allocation
-    record["allocation"] = {
-        "allocator": config.allocator, "wall_s": planned.wall_s,
-        "blocks": block_profile(planned.profile, allocation),
-    }
-    record["allocation"].update(planned.details)
+    record.allocation = {"allocator": config.allocator, "wall_s": planned.wall_s,
+                         "blocks": block_profile(planned.profile, allocation), **planned.details}
+    record.timings["plan_s"] = planned.wall_s
     if dry_run:
-        record["allocation"]["layers"] = [
+        record.allocation["layers"] = [
             {"name": x.name, "block": x.block, "shape": list(x.shape), "target": allocation[x.name]}
             for x in planned.profile.layers
         ]
         return record, None
     if dense:
-        record.update(evaluate_dense(model, tokenizer, config, cache_dir, progress))
+        evaluate_dense(model, tokenizer, config, cache_dir, progress, record)
     t_prune = time.perf_counter()
     result = prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir,
                    progress=progress)
-    prune_s = time.perf_counter() - t_prune
-    record["pruning"] = {
+    record.timings["prune_s"] = prune_s = time.perf_counter() - t_prune
+    record.pruning = {
         "blocks_path": result.blocks_path,
         "calib_tokens": result.calib_tokens,
         "sparsity": result.sparsity,
@@ -337,16 +251,15 @@ def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, cali
             for r in result.layers
         ],
     }
-    timings = record["timings"] = {}
     if config.eval_data:
         t0 = time.perf_counter()
-        record["pruned"] = _evaluate_on(model, tokenizer, config, _eval_kwargs(config, cache_dir, progress))
-        timings["eval_s"] = time.perf_counter() - t0
-        log.info("pruned perplexity %.3f", record["pruned"]["ppl"])
+        record.pruned = evaluate(model, tokenizer, config.eval_data, **_eval_kwargs(config, cache_dir, progress))
+        record.timings["eval_s"] = time.perf_counter() - t0
+        log.info("pruned perplexity %.3f", record.pruned["ppl"])
     if config.tasks:
         t0 = time.perf_counter()
-        record.setdefault("zero_shot", {})["pruned"] = _zero_shot_on(model, tokenizer, config, progress)
-        timings["zero_shot_s"] = time.perf_counter() - t0
+        record.zero_shot["pruned"] = _zero_shot_on(model, tokenizer, config, progress)
+        record.timings["zero_shot_s"] = time.perf_counter() - t0
     return record, result
 
 
@@ -368,31 +281,94 @@ def run(
     cache_dir: Path | None = None,
     progress: bool = True,
     dry_run: bool = False,
+    format: str = "safetensors",
 ) -> RunOutput:
-    """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save to ``out``."""
+    """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save
+    to ``out`` with the exporter ``format``."""
     config.validate()
     if out is not None and not dry_run:
+        EXPORTERS.get(format)
         check_output_dir(Path(out), overwrite)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = resolve_cache_dir(cache_dir)
     t_start = time.perf_counter()
     model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
     check_inputs(model, config)
-    record: dict[str, Any] = {
-        "config": config.to_dict(),
-        "source": {"kind": source.kind, "path": source.path},
-        "versions": versions(),
-    }
     # Calibration data before anything long: a bad source fails first.
     calib = None
     if needs_calibration(config):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
-    sections, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                          progress=progress, dry_run=dry_run)
-    record.update(sections)
+    record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
+                                        progress=progress, dry_run=dry_run)
+    record.source = {"kind": source.kind, "path": source.path}
+    record.versions = versions()
     if dry_run:
         return RunOutput(record, model, tokenizer, None)
-    record["wall_s"] = time.perf_counter() - t_start
-    record["memory"] = peak_memory()
+    record.wall_s = time.perf_counter() - t_start
+    record.memory = peak_memory()
     if out is not None:
-        save_run(model, tokenizer, Path(out), record, overwrite)
+        save_run(model, tokenizer, Path(out), record, overwrite, format)
     return RunOutput(record, model, tokenizer, result)
+
+
+@dataclass
+class EvalOutput:
+    """Labelled perplexity entries and zero-shot results, in display order."""
+
+    perplexity: list[tuple[str, dict]] = field(default_factory=list)
+    zero_shot: list[tuple[str, dict]] = field(default_factory=list)
+
+
+def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, max_tokens: int | None = None,
+                 batch_size: int = 1, device: str = "cpu", dtype: str = "auto", tasks: str | None = None,
+                 include_path: str | None = None, limit: float | None = None, dense: bool = True,
+                 cache_dir: Path | None = None, progress: bool = True) -> EvalOutput:
+    """Evaluate a model; for a prunewise run folder, also its dense source, reusing the record's dense
+    numbers when they were measured with the same protocol (else the source is loaded and measured).
+    ``data="none"`` skips perplexity; ``seqlen`` defaults to the run's evaluation window, else 2048."""
+    want_ppl = data.lower() != "none"
+    if not want_ppl and not tasks:
+        raise PrunewiseError("nothing to evaluate: --data none and no --tasks")
+    if tasks:
+        check_tasks(tasks, include_path)
+    cache_dir = resolve_cache_dir(cache_dir)
+    path = Path(model).expanduser()
+    record = RunRecord.read(path) if path.is_dir() and (path / RECORD).is_file() else None
+    if seqlen is None and record is not None:
+        seqlen = record.config.get("eval_seqlen") or record.config.get("seqlen")
+    seqlen = seqlen or 2048
+    if seqlen < 2:
+        raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
+
+    def measure(spec: str, ppl: bool, zs: bool) -> tuple[dict | None, dict | None]:
+        m, tok, _ = load_model(spec, dtype, cache_dir)
+        if ppl:
+            check_context(m, "seqlen", seqlen)
+        result = evaluate(m, tok, data, seqlen, max_tokens=max_tokens, batch_size=batch_size, device=device,
+                          cache_dir=cache_dir, progress=progress) if ppl else None
+        if zs:
+            m.to(device)
+        acc = zero_shot(m, tok, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
+                        device=device, progress=progress) if zs else None
+        return result, acc
+
+    result, acc = measure(model, want_ppl, bool(tasks))
+    out = EvalOutput()
+    if record is None or not dense:
+        if want_ppl:
+            out.perplexity.append((str(model), result))
+        if tasks:
+            out.zero_shot.append((path.name or str(model), acc))
+        return out
+    dense_ppl = record.reusable("dense", result) if want_ppl else None
+    dense_acc = record.reusable_zero_shot("dense", tasks, limit, include_path) if tasks else None
+    if (want_ppl and dense_ppl is None) or (tasks and dense_acc is None):
+        kind, src = record.source.get("kind"), record.source.get("path")
+        spec = src if kind in ("folder", "gguf") else record.config["model"]
+        d_ppl, d_acc = measure(spec, want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None)
+        dense_ppl, dense_acc = dense_ppl or d_ppl, dense_acc or d_acc
+    cfg = record.config
+    if want_ppl:
+        out.perplexity += [(f"dense {cfg['model']}", dense_ppl), (f"pruned ({cfg['metric']}, {record.sparsity:.3f})", result)]
+    if tasks:
+        out.zero_shot += [("dense", dense_acc), ("pruned", acc)]
+    return out

@@ -130,7 +130,8 @@ class Registry:
         return sorted(self._entries)
 
     def __iter__(self):
-        return iter(self._entries[n] for n in self.names())
+        """Entries in the registry's order: by ``rank`` (the papers' order: baselines first), then name."""
+        return iter(sorted(self._entries.values(), key=lambda e: (e.extra.get("rank", len(self._entries)), e.name)))
 
     def __contains__(self, name: str) -> bool:
         return name.strip().lower() in self._entries

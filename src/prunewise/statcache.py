@@ -3,20 +3,21 @@
 A key is a SHA-256 of what the statistic depends on (weight bytes, calibration token ids, the
 options that change the numbers), so any later run, allocator search or sweep over the same
 weights and data pays once, and changed weights never reuse a stale entry. Files are written to
-a temporary sibling and renamed, so a killed run never leaves a truncated entry.
+a temporary sibling and renamed (:mod:`prunewise.atomic`), so a killed run never leaves a truncated entry.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic import atomic_write
+from .config import resolve_cache_dir
 
 
 def _update(h: Any, tensor: torch.Tensor) -> None:
@@ -43,17 +44,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def cached(cache_dir: Path | None, kind: str, key: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``, stored as ``<cache_dir>/<kind>/<key>.pt``; loaded from there when present."""
-    if cache_dir is None:
-        return compute()
-    folder = Path(cache_dir) / kind
-    path = folder / f"{key}.pt"
+    """``compute()``, stored as ``<cache_dir>/<kind>/<key>.pt``; loaded from there when present.
+    ``cache_dir=None`` is the default cache (:func:`prunewise.config.resolve_cache_dir`), as everywhere."""
+    path = resolve_cache_dir(cache_dir) / kind / f"{key}.pt"
     if path.is_file():
         return torch.load(path)
     value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
     return value

@@ -36,9 +36,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import PruneConfig, default_cache_dir
+from .atomic import atomic_write_text
+from .config import PruneConfig, resolve_cache_dir
 from .errors import ConfigError, PrunewiseError
 from .masks import parse_pattern
+from .record import RunRecord
 from .registry import ALLOCATORS, parse_spec
 
 log = logging.getLogger(__name__)
@@ -198,12 +200,21 @@ def _slug(config: PruneConfig, key: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)[:80] + f"-{key[:8]}"
 
 
+def _stamp(record: RunRecord, common: dict[str, Any], t0: float) -> None:
+    """Source, versions, wall time and peak memory: what the sweep knows about each run."""
+    from .io import peak_memory
+
+    record.source, record.versions = common["source"], common["versions"]
+    record.wall_s, record.memory = time.perf_counter() - t0, peak_memory()
+
+
 def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
               save: bool = False, retry_failed: bool = False) -> SweepSummary:
     """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``."""
-    from .engine import build_profile
-    from .io import peak_memory, save_run, versions, write_record
-    from .models import find_blocks, load_model
+    from .allocation.planner import build_profile
+    from .blocks import BlockSource
+    from .io import save_run, versions
+    from .models import load_model
     from .pipeline import (
         backup_weights,
         check_inputs,
@@ -212,15 +223,16 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
         prune_and_evaluate,
         restore_weights,
     )
+    from .plots import save_profile_plot
 
     t_start = time.perf_counter()
     out = Path(out)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = resolve_cache_dir(cache_dir)
     runs, skipped = sweep.expand()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
-    write_record(out / SPEC, {"sweep": sweep.to_dict(), "runs": len(runs),
-                              "skipped": [{**c, "reason": r} for c, r in skipped]})
+    atomic_write_text(out / SPEC, json.dumps({"sweep": sweep.to_dict(), "runs": len(runs),
+                                              "skipped": [{**c, "reason": r} for c, r in skipped]}, indent=2) + "\n")
     summary = SweepSummary(out, skipped_invalid=skipped)
     if results_path.is_file() and not results_path.read_bytes().endswith(b"\n"):
         with open(results_path, "ab") as fh:  # a torn last line (killed mid-write) stays on its own line
@@ -244,7 +256,7 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
         from .data import calibration_ids
 
         calib = calibration_ids(tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
-    dense_weights = backup_weights(model, build_profile(*find_blocks(model, base.blocks_path)))
+    dense_weights = backup_weights(model, build_profile(BlockSource(model, base.blocks_path)))
     common = {"source": {"kind": source.kind, "path": source.path}, "versions": versions()}
 
     if need_dense:
@@ -252,7 +264,7 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
         dense = evaluate_dense(model, tokenizer, base, cache_dir, progress)
         row = {"key": dkey, "kind": "dense", "status": "ok", "finished": _now(),
                "config": {k: getattr(base, k) for k in DENSE_FIELDS},
-               "ppl": dense.get("dense"), "zero_shot": dense.get("zero_shot", {}).get("dense"),
+               "ppl": dense.dense, "zero_shot": dense.zero_shot.get("dense"),
                "wall_s": time.perf_counter() - t0, **common}
         _append(results_path, row)
         if row["ppl"]:
@@ -264,37 +276,32 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
         bar.set_postfix_str(label(config))
         restore_weights(model, dense_weights)
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"key": key, "kind": "run", "config": config.to_dict(), "target": config.target}
+        row: dict[str, Any] = {"key": key, "kind": "run"}
+        record = RunRecord(config.to_dict())
         try:
-            sections, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                                  progress=False, dense=False, dense_weights=dense_weights)
-            alloc = {k: v for k, v in sections["allocation"].items() if k != "layers"}
-            row.update({
-                "status": "ok", "sparsity": result.sparsity, "ppl": sections.get("pruned"),
-                "zero_shot": sections.get("zero_shot", {}).get("pruned"), "allocation": alloc,
-                "mask_sha256": sections["pruning"]["mask_sha256"],
-                "timings": {"plan_s": alloc["wall_s"], "prune_s": sections["pruning"]["wall_s"],
-                            **sections["pruning"]["timings"], **sections["timings"]},
-            })
+            record, _ = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
+                                           progress=False, dense=False, dense_weights=dense_weights)
             if save:
-                record = {"config": config.to_dict(), **common, **sections,
-                          "wall_s": time.perf_counter() - t0, "memory": peak_memory()}
-                row["saved"] = str(save_run(model, tokenizer, out / "runs" / _slug(config, key), record,
-                                            overwrite=True))
+                _stamp(record, common, t0)
+                folder = out / "runs" / _slug(config, key)
+                row["saved"] = str(save_run(model, tokenizer, folder, record, overwrite=True))
+                save_profile_plot(record, folder)
+            row["status"] = "ok"
             summary.ran += 1
         except Exception as exc:  # recorded, and the sweep goes on
             row.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc(limit=-3)})
             summary.failed += 1
             log.debug("run %s failed", key, exc_info=True)
-        row.update({"wall_s": time.perf_counter() - t0, "finished": _now(), "memory": peak_memory(), **common})
+        _stamp(record, common, t0)
+        row.update(finished=_now(), **record.summary())
         _append(results_path, row)
         if row["status"] == "ok":
-            ppl = f"perplexity {row['ppl']['ppl']:.3f}" if row.get("ppl") else "no perplexity"
-            acc = (row.get("zero_shot") or {}).get("average", {}).get("acc")
+            ppl = f"perplexity {record.pruned['ppl']:.3f}" if record.pruned else "no perplexity"
+            acc = (record.zero_shot.get("pruned") or {}).get("average", {}).get("acc")
             acc_text = f", mean acc {acc:.4f}" if acc is not None else ""
-            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: {ppl}{acc_text} (sparsity {row['sparsity']:.6f}, "
-                       f"{row['wall_s']:.1f} s)")
+            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: {ppl}{acc_text} (sparsity {record.sparsity:.6f}, "
+                       f"{record.wall_s:.1f} s)")
         else:
             tqdm.write(f"[{i}/{len(todo)}] {label(config)}: FAILED {row['error']}")
     restore_weights(model, dense_weights)

@@ -39,7 +39,7 @@ def layer_alphas(profile: Profile, fit: str, faithful_log10: bool) -> dict[str, 
 
 
 @ALLOCATORS.register(
-    "alphapruning",
+    "alphapruning", rank=2,
     summary="higher sparsity for layers whose eigenvalue spectrum is less heavy-tailed (larger alpha)",
     paper="Lu et al., AlphaPruning, NeurIPS 2024, arXiv 2410.10912",
     needs=("eigenvalues",),

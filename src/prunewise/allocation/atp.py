@@ -16,8 +16,9 @@ allocator fails and prints the range.
 ``beta=auto`` (the default, the paper's protocol) is a grid search — ``step``, ``2 step``, ... up to
 the largest valid ``beta`` — that prunes the model with each candidate and keeps the one with the
 lowest perplexity on ``heldout`` windows of the *calibration* text that the calibration set does
-not overlap. It runs in :mod:`prunewise.pipeline` (it needs pruning and evaluation); the whole
-curve goes into the run record.
+not overlap. It is this allocator's driver (:func:`search`), which prunes trial models through
+the planner's :class:`~prunewise.allocation.planner.Trials`; the whole curve goes into the run
+record.
 
 Mixed N:M (``pattern=N:M``, the paper's mixed N:8 extension, not in the released code): the
 per-block values are rounded to ``N_i`` zeros per group of ``M`` with the mean N exact.
@@ -34,9 +35,16 @@ Deviations from reference:
 
 from __future__ import annotations
 
+import logging
+import time
+
+from tqdm.auto import tqdm
+
 from ..errors import ConfigError
 from ..registry import ALLOCATORS
-from . import Profile, mixed_nm
+from . import Profile, check_allocation, mixed_nm
+
+log = logging.getLogger(__name__)
 
 
 def _depth_mean(profile: Profile) -> float:
@@ -80,12 +88,45 @@ def progression(profile: Profile, sparsity: float, beta: float) -> list[float]:
     return [min(max(first + beta * i, 0.0), 1.0) for i in range(profile.num_blocks)]
 
 
+def search(profile: Profile, sparsity: float, trials, *, progress: bool = True, beta: float | str = "auto",
+           step: float = 0.002, heldout: int = 16) -> tuple[dict[str, float], dict]:
+    """Grid-search ``beta`` by perplexity on held-out calibration windows (``beta=auto``).
+
+    Every candidate prunes the model exactly as the run will; the candidate ``0`` (uniform) is
+    always scored, so the search never does worse than uniform on the held-out text.
+    """
+    grid = [0.0] + beta_grid(profile, sparsity, step)
+    curve = []
+    start = time.perf_counter()
+    bar = tqdm(grid, desc="atp search", unit="trial", disable=not progress)
+    for b in bar:
+        allocation = allocate(profile, sparsity, beta=b, step=step, heldout=heldout)
+        check_allocation("atp", profile, allocation, sparsity)
+        trials.prune(allocation)
+        ppl = trials.perplexity(heldout)
+        curve.append({"beta": b, "ppl": ppl})
+        bar.set_postfix(beta=f"{b:.4f}", ppl=f"{ppl:.3f}")
+        trials.restore()
+    best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
+    log.info("atp: beta=%g chosen (held-out ppl %.3f over %d trials)", best["beta"], best["ppl"], len(curve))
+    record = {
+        "parameter": "beta", "chosen": best["beta"], "criterion": "perplexity on held-out calibration windows",
+        "heldout": trials.heldout(heldout), "curve": curve, "wall_s": time.perf_counter() - start,
+    }
+    return allocate(profile, sparsity, beta=best["beta"], step=step, heldout=heldout), {"search": record}
+
+
+def _driver_for(params: dict):
+    return search if params["beta"] == "auto" else None
+
+
 @ALLOCATORS.register(
-    "atp",
+    "atp", rank=3,
     summary="sparsity rising with depth as an arithmetic progression (beta searched on held-out calibration text)",
     paper="Huang et al., ATP, ICML 2025, arXiv 2502.14770",
     needs=(),
     nm=True,
+    driver_for=_driver_for,
 )
 def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
              heldout: int = 16) -> dict[str, float]:
@@ -95,8 +136,8 @@ def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", s
         raise ConfigError(f"atp: beta must be a number or 'auto', got '{beta}'")
     if isinstance(beta, str):
         raise ConfigError(
-            f"atp: beta={beta} is chosen by a search that prunes and evaluates the model; "
-            "run it through prunewise.run / `prunewise prune`, or pass a number"
+            f"atp: beta={beta} is chosen by a search that prunes and evaluates the model (its driver, "
+            "atp.search); run it through prunewise.plan / prunewise.run / `prunewise prune`, or pass a number"
         )
     values = progression(profile, sparsity, float(beta))
     if profile.pattern.is_nm:

@@ -33,8 +33,10 @@ Reconstruction (``granularity=block``; ``matrix`` makes every linear layer its o
 the budget in ``rounds`` equal parts (from ``start`` to the target); between parts the model is
 pruned with the allocation so far (the run's metric) and the scores are re-measured on that sparse
 model — its weights and the input norms of a dense-propagated pass through it; pruned weights score
-0 and the outlier threshold is relative to the mean of the unpruned ones. It runs in
-:mod:`prunewise.pipeline` and costs ``rounds - 1`` extra prunes and calibration passes. Each unit's sorted scores are summarised by
+0 and the outlier threshold is relative to the mean of the unpruned ones. It is this allocator's
+driver (:func:`dynamic`), which prunes through the planner's
+:class:`~prunewise.allocation.planner.Trials`, and costs ``rounds - 1`` extra prunes and
+calibration passes. Each unit's sorted scores are summarised by
 ``4096`` quantile knots with exact prefix sums, so memory does not grow with model size; the
 redundancy is interpolated between knots (relative error below 1/4096 of a unit's weights).
 
@@ -45,12 +47,15 @@ paper's values; the dynamic variant re-measures between ``rounds``, not after ev
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS
-from . import Profile, layer_scores
+from . import Profile, block_profile, layer_scores
 
 KNOTS = 4096
 SCORES = ("auto", "magnitude", "wanda")
@@ -178,18 +183,43 @@ def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, 
     return {x: level[u] for u, (names, _) in enumerate(units) for x in names}
 
 
+def dynamic(profile: Profile, sparsity: float, trials, *, progress: bool = True, **params) -> tuple[dict[str, float], dict]:
+    """``stats=dynamic``: the budget is placed in ``rounds`` equal parts; after each part but the
+    last, the model is pruned with the allocation so far (the run's metric) and the scores are
+    re-measured on that sparse model."""
+    first = validate(profile, sparsity, **params)
+    rounds = params["rounds"]
+    levels: dict[str, float] | None = None
+    history = []
+    start = time.perf_counter()
+    for r in tqdm(range(1, rounds + 1), desc="mrp rounds", unit="round", disable=not progress):
+        goal = first + (sparsity - first) * r / rounds
+        levels = fill(profile, goal, levels, **params)
+        history.append({"round": r, "target": goal, "blocks": block_profile(profile, levels)})
+        if r == rounds:
+            break
+        trials.prune(levels)
+        trials.remeasure(profile)
+    return levels, {"rounds": history, "rounds_wall_s": time.perf_counter() - start}
+
+
+def _driver_for(params: dict):
+    return dynamic if params["stats"] == "dynamic" else None
+
+
 @ALLOCATORS.register(
-    "mrp",
+    "mrp", rank=4,
     summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
     paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
     needs=("weights", "input_norms"),
     needs_for=_needs,
+    driver_for=_driver_for,
 )
 def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float = 0.01, start: float | str = "auto",
              threshold: str = "dense", score: str = "auto", granularity: str = "block",
              max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
     if stats == "dynamic":
-        raise ConfigError("mrp: stats=dynamic prunes and re-measures the model between rounds; "
-                          "run it through prunewise.run / `prunewise prune`")
+        raise ConfigError("mrp: stats=dynamic prunes and re-measures the model between rounds (its driver, "
+                          "mrp.dynamic); run it through prunewise.plan / prunewise.run / `prunewise prune`")
     return fill(profile, sparsity, None, m=m, step=step, start=start, threshold=threshold, score=score,
                 granularity=granularity, max_sparsity=max_sparsity, stats=stats, rounds=rounds)

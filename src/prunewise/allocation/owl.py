@@ -63,7 +63,7 @@ def map_ratios(ratios: list[float], profile: Profile, sparsity: float, lam: floa
 
 
 @ALLOCATORS.register(
-    "owl",
+    "owl", rank=1,
     summary="lower sparsity for blocks with more outlier Wanda scores (dense calibration pass)",
     paper="Yin et al., OWL, ICML 2024, arXiv 2310.05175",
     needs=("weights", "input_norms"),

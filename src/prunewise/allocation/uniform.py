@@ -10,6 +10,6 @@ from ..registry import ALLOCATORS
 from . import Profile
 
 
-@ALLOCATORS.register("uniform", summary="the same sparsity for every layer", paper="baseline", needs=(), nm=True)
+@ALLOCATORS.register("uniform", rank=0, summary="the same sparsity for every layer", paper="baseline", needs=(), nm=True)
 def allocate(profile: Profile, sparsity: float) -> dict[str, float]:
     return {layer.name: float(sparsity) for layer in profile.layers}

@@ -47,13 +47,20 @@ def _grad(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     return stats.grad.to(weight.device).float()
 
 
+def grad_options(params: dict) -> dict:
+    """The options of the ``grad`` statistic (:mod:`prunewise.gradients`) these hyper-parameters ask for."""
+    _check(params["norm"], params["scale"])
+    return {"norm": params["norm"], "scale": params["scale"], "checkpointing": params["checkpointing"]}
+
+
 @METRICS.register(
-    "gblm",
+    "gblm", rank=3,
     summary="|W| * ||X_j|| + |W| * G: Wanda plus accumulated per-sample gradients, per output row",
     paper="Das et al., GBLM-Pruner, arXiv 2311.04902",
     needs=("input_sq_norm", "grad"),
     kind="score",
     group="row",
+    grad_options=grad_options,
 )
 def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
           checkpointing: bool = False) -> torch.Tensor:
@@ -63,12 +70,13 @@ def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: f
 
 
 @METRICS.register(
-    "gradient",
+    "gradient", rank=4,
     summary="|W| * G: the GBLM paper's gradient-only score, per output row",
     paper="Das et al., GBLM-Pruner, arXiv 2311.04902",
     needs=("grad",),
     kind="score",
     group="row",
+    grad_options=grad_options,
 )
 def gradient_score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
                    checkpointing: bool = False) -> torch.Tensor:

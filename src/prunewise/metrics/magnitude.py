@@ -22,7 +22,7 @@ from ..stats import LayerStats
 
 
 @METRICS.register(
-    "magnitude",
+    "magnitude", rank=0,
     summary="|W|; no calibration data",
     paper="baseline (Han et al., 2015); reference: locuslab/wanda prune_magnitude",
     needs=(),

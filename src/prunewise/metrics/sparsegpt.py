@@ -61,7 +61,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
 
 
 @METRICS.register(
-    "sparsegpt",
+    "sparsegpt", rank=2,
     summary="OBS solver: prunes by w^2/[H^-1]_ii and updates the remaining weights",
     paper="Frantar & Alistarh, SparseGPT, arXiv 2301.00774",
     needs=("hessian",),

@@ -1,0 +1,99 @@
+"""Planning: the per-layer sparsity targets of a run, from its allocator, in one place.
+
+:func:`make_plan` builds the :class:`Profile` (every prunable layer of the block source), fills
+the statistics the allocator declared (:mod:`prunewise.allocation.providers`), and calls the
+allocator — or, for settings that must prune trial models (ATP's ``beta=auto`` search, MRP's
+``stats=dynamic`` rounds), the allocator's registered *driver*. An allocator declares a driver
+with ``driver_for=fn(bound params) -> driver or None`` in the registry; a driver is
+``driver(profile, sparsity, trials, progress=..., **params) -> (allocation, details)`` and may
+only touch the model through :class:`Trials`. No allocator name appears outside its own module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models import weight_matrix
+from ..registry import ALLOCATORS
+from . import LayerInfo, Profile, check_allocation
+from .providers import StatContext, provide
+
+
+@dataclass
+class Plan:
+    """The per-layer targets of a run and how they were found."""
+
+    profile: Profile
+    allocation: dict[str, float]
+    details: dict[str, Any] = field(default_factory=dict)  # what a driver adds: {"search": ...} or {"rounds": ...}
+    wall_s: float = 0.0
+
+
+@dataclass
+class Trials:
+    """What an allocator driver may do with the model. ``prune(allocation)`` prunes it exactly as
+    the run will (metric, pattern, mode, calibration set) starting from the dense weights;
+    ``perplexity(windows)`` scores the current model on that many held-out windows of the
+    calibration text (never the evaluation text); ``heldout(windows)`` describes those windows for
+    the record; ``remeasure(profile)`` refills the profile's statistics from the current model;
+    ``restore()`` gives the dense weights back."""
+
+    prune: Callable[[dict[str, float]], None]
+    perplexity: Callable[[int], float]
+    heldout: Callable[[int], dict[str, Any]]
+    remeasure: Callable[[Profile], None]
+    restore: Callable[[], None]
+
+
+def build_profile(source) -> Profile:
+    """Every prunable linear layer of ``source`` (full name, block, size, shape), in model order."""
+    layers = []
+    for i, name, module in source.all_linears():
+        shape = tuple(weight_matrix(module).shape)
+        layers.append(LayerInfo(name, i, shape[0] * shape[1], shape))
+    if not layers:
+        raise ValueError(f"the blocks at '{source.path}' contain no linear layers")
+    return Profile(layers)
+
+
+def allocator_needs(name: str, params: dict[str, Any], metric: str) -> tuple[str, ...]:
+    """The statistics an allocator needs (some depend on its parameters and the run's metric)."""
+    entry = ALLOCATORS.get(name)
+    needs_for = entry.extra.get("needs_for")
+    return tuple(needs_for(params, metric)) if needs_for else entry.needs
+
+
+def driver_of(name: str, params: dict[str, Any]):
+    """The allocator's driver for these parameters (it prunes trial models), or None."""
+    driver_for = ALLOCATORS.get(name).extra.get("driver_for")
+    return driver_for(params) if driver_for else None
+
+
+def allocate(name: str, params: dict[str, Any], profile: Profile, sparsity: float) -> dict[str, float]:
+    """The allocator's targets, checked against the contract (all layers, [0, 1), mean = target)."""
+    result = ALLOCATORS.get(name).fn(profile, sparsity, **params)
+    check_allocation(name, profile, result, sparsity)
+    return result
+
+
+def make_plan(ctx: StatContext, name: str, params: dict[str, Any], sparsity: float,
+              trials: Trials | None = None) -> Plan:
+    """Fill ``ctx.profile`` with the allocator's statistics and allocate (through its driver if it has one)."""
+    start = time.perf_counter()
+    profile = ctx.profile
+    profile.stats.update(provide(allocator_needs(name, params, profile.metric), ctx))
+    driver = driver_of(name, params)
+    if driver is None:
+        return Plan(profile, allocate(name, params, profile, sparsity), {}, time.perf_counter() - start)
+    if trials is None:
+        raise ValueError(f"allocator '{name}' with these settings prunes trial models; run it through "
+                         "prunewise.plan / prunewise.run / `prunewise prune`")
+    try:
+        allocation, details = driver(profile, sparsity, trials, progress=ctx.progress, **params)
+    finally:
+        trials.restore()
+    check_allocation(name, profile, allocation, sparsity)
+    return Plan(profile, allocation, details, time.perf_counter() - start)

@@ -1,0 +1,123 @@
+"""Statistic providers: how each statistic an allocator (or a metric) declares in ``needs`` is computed.
+
+A provider is registered by need name in :data:`STATISTICS` and is
+``provide(ctx: StatContext) -> {linear name: value}``. Expensive ones are cached on disk by content
+(:mod:`prunewise.statcache`), never by a path:
+
+| need | what | cached under ``<cache>/`` |
+|---|---|---|
+| ``eigenvalues`` | ascending eigenvalues of ``W^T W`` per matrix (float64 SVD; AlphaPruning) | ``spectra/<sha256 of the weight>`` |
+| ``weights`` | the model's own weight tensors ``[C_out, C_in]`` (read only; OWL, MRP) | — |
+| ``input_norms`` | Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP) | ``input_norms/<sha256 of all parameters, calibration ids, blocks path>`` |
+| ``grad`` | GBLM's accumulated gradient norm per weight, with the metric's options | ``gradients/<sha256 ...>`` (see :mod:`prunewise.gradients`) |
+
+A new statistic is one function here; allocators and metrics name it in ``needs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import BlockSource
+from ..engine import StatsCollector
+from ..errors import PrunewiseError
+from ..models import weight_matrix
+from ..registry import Entry, Registry
+from ..statcache import cached, fingerprint, model_fingerprint
+from ..stats import make_stats
+from . import Profile
+from .esd import eigenvalues as _eigenvalues
+
+STATISTICS = Registry("statistic")
+
+
+@dataclass
+class StatContext:
+    """What a provider may read: the model (as a block source), the layers, the calibration ids and
+    the run's settings."""
+
+    source: BlockSource
+    profile: Profile
+    cache_dir: Path
+    calib: torch.Tensor | None = None
+    batch_size: int = 1
+    metric: Entry | None = None
+    metric_params: dict[str, Any] | None = None
+    progress: bool = True
+
+    @property
+    def model(self) -> nn.Module:
+        return self.source.model
+
+    def need_calib(self, need: str) -> torch.Tensor:
+        if self.calib is None:
+            raise ValueError(f"statistic '{need}' needs calibration data (pass a tokenizer or calib)")
+        return self.calib
+
+
+def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
+    """``{need: {linear name: value}}`` for every need, each from its registered provider."""
+    out = {}
+    for need in needs:
+        if need not in STATISTICS:
+            raise PrunewiseError(f"'{need}' is not a statistic prunewise can compute (known: {', '.join(STATISTICS.names())})")
+        out[need] = STATISTICS.get(need).fn(ctx)
+    return out
+
+
+@STATISTICS.register("eigenvalues", summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight")
+def eigenvalues(ctx: StatContext) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    out: dict[str, torch.Tensor] = {}
+    for layer in tqdm(ctx.profile.layers, desc="spectra", unit="matrix", disable=not ctx.progress):
+        w = weight_matrix(ctx.model.get_submodule(layer.name))
+        out[layer.name] = cached(ctx.cache_dir, "spectra", fingerprint(w), lambda w=w: _eigenvalues(w))
+    return out
+
+
+@STATISTICS.register("weights", summary="the model's own weight matrices (read only)")
+def weights(ctx: StatContext) -> dict[str, torch.Tensor]:
+    return {x.name: weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers}
+
+
+@STATISTICS.register("input_norms", summary="Wanda's a_j per layer from a dense calibration pass, cached by content")
+def input_norms(ctx: StatContext) -> dict[str, torch.Tensor]:
+    calib = ctx.need_calib("input_norms")
+    key = fingerprint(calib, extra=f"{model_fingerprint(ctx.model)}:{ctx.source.path}")
+    return cached(ctx.cache_dir, "input_norms", key,
+                  lambda: dense_input_norms(ctx.source, calib, batch_size=ctx.batch_size, progress=ctx.progress))
+
+
+@STATISTICS.register("grad", summary="GBLM's accumulated per-sample gradient norm per weight, cached by content")
+def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
+    from ..gradients import layer_gradients
+
+    options = ctx.metric.extra["grad_options"](ctx.metric_params)
+    return layer_gradients(ctx.model, ctx.need_calib("grad"), device=str(ctx.source.device),
+                           blocks_path=ctx.source.path, cache_dir=ctx.cache_dir, progress=ctx.progress, **options)
+
+
+@torch.no_grad()
+def dense_input_norms(source: BlockSource, calib: torch.Tensor, *, batch_size: int = 1,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """Wanda's ``a_j`` of every linear layer of the *dense* model, propagated densely: one
+    calibration pass and no pruning (``{linear name: float32 [C_in]}``)."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def step(i, block, linears, hidden, calls):
+        stats = {name: make_stats(("input_sq_norm",), weight_matrix(m).shape[1]) for name, m in linears}
+        hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
+        for name, st in stats.items():
+            if st.ntokens == 0:
+                raise RuntimeError(f"{name} received no calibration input")
+            norms[name] = st.input_norm().cpu()
+        return hidden
+
+    source.walk(step, source.capture(calib, batch_size), desc="dense statistics", progress=progress)
+    return norms
