@@ -71,8 +71,10 @@ def main() -> None:
     import prunewise as pw
     from prunewise.config import default_cache_dir
     from prunewise.data import calibration_ids, load_text, tokenize
-    from prunewise.engine import dense_input_norms
-    from prunewise.pipeline import _plan, backup_weights, restore_weights
+    from prunewise.allocation.providers import dense_input_norms
+    from prunewise.blocks import BlockSource
+    from prunewise.pipeline import backup_weights, restore_weights
+    from prunewise.pipeline import plan as _plan
     from prunewise.runtime import keep_freed_memory
 
     keep_freed_memory()
@@ -86,7 +88,7 @@ def main() -> None:
     profile_cfg = pw.PruneConfig(model="smollm2-135m", nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
     profile = _plan(model, profile_cfg, stat_cache, tokenizer=tok, calib=calib, progress=False).profile
     dense = backup_weights(model, profile)
-    norms = dense_input_norms(model, calib, progress=False)
+    norms = dense_input_norms(BlockSource(model), calib, progress=False)
 
     def ppl() -> float:
         return pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, progress=False)["ppl"]

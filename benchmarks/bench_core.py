@@ -77,7 +77,7 @@ def run_dense_pass() -> dict:
     """One dense pass of the calibration set through the 30 blocks (the floor of a sequential pruner)."""
     import torch
 
-    from prunewise.engine import replay
+    from prunewise.blocks import replay
 
     pw, model, _, calib, test_ids = _setup()
     t0 = time.perf_counter()

@@ -90,7 +90,7 @@ def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cac
     pw, model, tok, calib = _setup()
     from prunewise.config import default_cache_dir
     from prunewise.data import load_text, tokenize
-    from prunewise.pipeline import _plan
+    from prunewise.pipeline import plan as _plan
 
     cfg = pw.PruneConfig(model="smollm2-135m", metric=metric, allocator=allocator, sparsity=sparsity, pattern=pat,
                          nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
