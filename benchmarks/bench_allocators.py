@@ -69,10 +69,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import prunewise as pw
-    from prunewise.config import default_cache_dir
-    from prunewise.data import calibration_ids, load_text, tokenize
     from prunewise.allocation.providers import dense_input_norms
     from prunewise.blocks import BlockSource
+    from prunewise.config import default_cache_dir
+    from prunewise.data import calibration_ids, load_text, tokenize
     from prunewise.pipeline import backup_weights, restore_weights
     from prunewise.pipeline import plan as _plan
     from prunewise.runtime import keep_freed_memory

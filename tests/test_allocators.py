@@ -21,9 +21,9 @@ from prunewise.allocation import (
     owl,
     weighted_mean,
 )
-from prunewise.data import heldout_windows, sample_windows
 from prunewise.allocation.providers import dense_input_norms
 from prunewise.blocks import BlockSource
+from prunewise.data import heldout_windows, sample_windows
 from prunewise.errors import ConfigError, PrunewiseError
 from prunewise.masks import Pattern
 from prunewise.pipeline import plan as _plan
