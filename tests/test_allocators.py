@@ -45,7 +45,7 @@ def with_scores(profile: Profile, gen: torch.Generator, heavy: list[float]) -> P
     for x in profile.layers:
         weights[x.name] = torch.randn(x.shape, generator=gen).abs() ** heavy[x.block]
     profile.stats["weights"] = weights
-    profile.stats["input_norms"] = {x.name: torch.ones(x.shape[1]) for x in profile.layers}
+    profile.stats["dense_input_norm"] = {x.name: torch.ones(x.shape[1]) for x in profile.layers}
     return profile
 
 
@@ -63,7 +63,7 @@ def test_owl_outlier_ratio_hand_computed():
     w0 = torch.tensor([[1.0, 1.0, 1.0, 20.0]])
     w1 = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     prof.stats["weights"] = {"blocks.0.l0": w0, "blocks.0.l1": -w1}  # sign does not matter
-    prof.stats["input_norms"] = {"blocks.0.l0": torch.ones(4), "blocks.0.l1": torch.tensor([1.0, 1, 1, 2])}
+    prof.stats["dense_input_norm"] = {"blocks.0.l0": torch.ones(4), "blocks.0.l1": torch.tensor([1.0, 1, 1, 2])}
     # scores: 1 1 1 20 | 1 1 1 2 -> mean 28/8 = 3.5; above 2 * 3.5 = 7: one of 8
     assert owl.outlier_ratios(prof, 2.0) == [pytest.approx(12.5)]
     # above 1 * 3.5: still only the 20
@@ -222,7 +222,7 @@ def test_mrp_equalises_redundancy_and_follows_outliers():
 def test_mrp_score_follows_metric_and_no_signal_is_uniform():
     prof = blocks_profile(3, sizes=(40, 60), rows=2)
     prof.stats["weights"] = {x.name: torch.ones(x.shape) for x in prof.layers}  # no outliers anywhere
-    prof.stats["input_norms"] = {x.name: torch.ones(x.shape[1]) for x in prof.layers}
+    prof.stats["dense_input_norm"] = {x.name: torch.ones(x.shape[1]) for x in prof.layers}
     prof.metric = "magnitude"
     alloc = mrp.allocate(prof, 0.5, start=0.0)
     assert block_profile(prof, alloc) == pytest.approx([0.5, 0.5, 0.5])
@@ -260,15 +260,15 @@ def test_owl_plan_caches_statistics_by_content(calib, tmp_path):
     model = tiny_model("llama")
     cfg = pw.PruneConfig(model="x", metric="wanda", allocator="owl:m=2", sparsity=0.6, nsamples=4, seqlen=16)
     first = _plan(model, cfg, tmp_path, calib=calib, progress=False)
-    files = list((tmp_path / "input_norms").glob("*.pt"))
+    files = list((tmp_path / "dense_input_norm").glob("*.pt"))
     assert len(files) == 1
     again = _plan(model, cfg, tmp_path, calib=calib, progress=False)
     assert again.allocation == first.allocation
-    assert len(list((tmp_path / "input_norms").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "dense_input_norm").glob("*.pt"))) == 1
     with torch.no_grad():  # other weights: a new key
         model.model.layers[0].mlp.down_proj.weight.mul_(2)
     _plan(model, cfg, tmp_path, calib=calib, progress=False)
-    assert len(list((tmp_path / "input_norms").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "dense_input_norm").glob("*.pt"))) == 2
     with pytest.raises(ValueError, match="needs calibration data"):
         _plan(model, cfg, tmp_path, progress=False)
 
@@ -374,7 +374,7 @@ def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
     first = mrp.fill(prof, 0.4, None, **params)
     assert block_profile(prof, first) == pytest.approx(rounds[0]["blocks"])
     pw.prune(model, None, cfg, calib=calib, allocation=first, progress=False)
-    prof.stats["input_norms"] = dense_input_norms(BlockSource(model), calib, progress=False)
+    prof.stats["dense_input_norm"] = dense_input_norms(BlockSource(model), calib, progress=False)
     final = mrp.fill(prof, 0.6, first, **params)
     assert final == pytest.approx(planned.allocation)
     assert final != pytest.approx(mrp.fill(_plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib,

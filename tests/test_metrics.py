@@ -9,7 +9,7 @@ from prunewise.stats import LayerStats, make_stats
 
 
 def stats_from(x: torch.Tensor, gram: bool) -> LayerStats:
-    st = make_stats(("hessian",) if gram else ("input_sq_norm",), x.shape[-1])
+    st = make_stats(("hessian",) if gram else ("input_norm",), x.shape[-1])
     for sample in x:  # one calibration sequence at a time
         st.add(sample.unsqueeze(0))
     return st

@@ -225,18 +225,26 @@ class BlockSource:
                 handle.remove()
         return bool(seen and seen[0])
 
+    def each(self, *, reverse: bool = False, desc: str = "blocks",
+             progress: bool = False) -> Iterator[tuple[int, nn.Module, list[tuple[str, nn.Module]]]]:
+        """``(index, block on the device, its linear layers)`` for every block, first to last (or
+        last to first: a backward pass), each taken back when the next is asked for."""
+        order = range(len(self) - 1, -1, -1) if reverse else range(len(self))
+        for i in tqdm(order, desc=desc, unit="block", disable=not progress):
+            with self.block(i) as block:
+                yield i, block, self.linears(i, block)
+
     def walk(self, step: Step, inputs: Inputs | None, *, desc: str, progress: bool = True) -> list[torch.Tensor] | None:
         """Run ``step`` on every block in order, each on the device for its turn; the hidden states
         a step returns feed the next block. ``inputs=None`` walks without data (data-free passes)."""
         hidden = inputs.hidden if inputs is not None else None
-        for i in tqdm(range(len(self)), desc=desc, unit="block", disable=not progress):
-            with self.block(i) as block:
-                hidden = step(i, block, self.linears(i, block), hidden, inputs.calls[i] if inputs else None)
+        for i, block, linears in self.each(desc=desc, progress=progress):
+            hidden = step(i, block, linears, hidden, inputs.calls[i] if inputs else None)
         return hidden
 
-    @torch.no_grad()
     def logits(self, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-        """The model's logits for ``ids`` given the last block's outputs ``hidden`` for them."""
+        """The model's logits for ``ids`` given the last block's outputs ``hidden`` for them
+        (differentiable with respect to ``hidden`` when grad mode is on)."""
         last = len(self) - 1
 
         def through(i: int):

@@ -7,6 +7,7 @@ Every field has the papers' default except where noted. :meth:`PruneConfig.valid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ from typing import Any
 
 from .errors import ConfigError
 from .masks import Pattern, parse_pattern
+from .models import DTYPES as TORCH_DTYPES
 from .registry import ALLOCATORS, METRICS, parse_spec
 
 MODES = ("two-pass", "single-pass")
 PROPAGATE = ("pruned", "dense")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", *TORCH_DTYPES)
 
 
 def default_cache_dir() -> Path:
@@ -84,13 +86,15 @@ class PruneConfig:
             return pat.sparsity if pat.is_nm else 0.5
         return float(self.sparsity)
 
-    @property
+    @functools.cached_property
     def metric_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, every hyper-parameter bound and typed)``, parsed once per config."""
         name, params = parse_spec(self.metric, "metric")
         return name, METRICS.get(name).bind(params)
 
-    @property
+    @functools.cached_property
     def allocator_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(name, every hyper-parameter bound and typed)``, parsed once per config."""
         name, params = parse_spec(self.allocator, "allocator")
         return name, ALLOCATORS.get(name).bind(params)
 

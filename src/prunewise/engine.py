@@ -33,15 +33,13 @@ import torch
 from torch import nn
 
 from .blocks import BlockSource, Call, Stop, run_block
+from .config import MODES, PROPAGATE
 from .masks import Pattern, make_mask
 from .models import weight_matrix
 from .registry import METRICS, Entry
 from .stats import BLOCK, LayerStats, make_stats
 
 log = logging.getLogger(__name__)
-
-MODES = ("two-pass", "single-pass")
-PROPAGATE = ("pruned", "dense")
 @dataclass
 class LayerResult:
     name: str

@@ -13,9 +13,12 @@ It keeps every ``.grad`` of the model alive, then copies them into fp16/fp32 CPU
   and a post-accumulate-grad hook folds each weight's gradient into its float32 accumulator the
   moment autograd produces it and frees it — no full set of ``.grad`` tensors is ever alive;
 - only the chosen norm is accumulated (4 bytes per prunable parameter);
-- ``checkpointing=True`` recomputes each block's activations in the backward pass (only the block
-  inputs are kept), wrapping every decoder block in ``torch.utils.checkpoint`` — any
-  architecture, and the model stays in eval mode (no dropout);
+- ``checkpointing=True`` runs the backward through the block loop (:mod:`prunewise.blocks`): per
+  window, a forward over the blocks keeps only each block's input; the loss is back-propagated
+  through the model's head to the last block's output; then the blocks are taken last to first,
+  each recomputed from its kept input and back-propagated on its own. Only one block's activations
+  exist at a time and only that block is on the device — any architecture, and the model stays
+  in eval mode (no dropout);
 - the result is cached under ``<cache>/gradients/<sha256 of all parameters, calibration ids, norm,
   scale, blocks path>.pt``, so every later prune, allocator search or sweep reuses it.
 
@@ -31,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .blocks import BlockSource, first, run_block
 from .errors import PrunewiseError
 from .models import _is_conv1d, block_linears, find_blocks, weight_matrix
 from .statcache import cached, fingerprint, model_fingerprint
@@ -84,21 +87,32 @@ def _check_backward(weights: dict[str, nn.Parameter]) -> None:
             )
 
 
-class _Checkpointed(nn.Module):
-    """A decoder block whose forward is recomputed in the backward pass."""
+def backward_through_blocks(source: BlockSource, ids: torch.Tensor) -> float:
+    """Back-propagate the mean next-token loss of ``ids`` (``[1, seqlen]``) one block at a time;
+    gradients reach the weights' hooks as with one autograd graph. Returns the loss."""
+    inputs = source.capture(ids, ids.shape[0])
+    kept: list[list[torch.Tensor]] = []
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
+    def forward(i, block, linears, hidden, calls):
+        kept.append(hidden)
+        return run_block(block, hidden, calls)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+    with torch.no_grad():
+        last = source.walk(forward, inputs, desc="forward", progress=False)
+    out = last[0].detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = source.logits(out, ids, bool(inputs.as_tuple))
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
+        del logits
+        loss.backward()
+    grad = out.grad
+    for i, block, _ in source.each(reverse=True):
+        x = kept[i][0].detach().requires_grad_(True)
+        call = inputs.calls[i][0]
+        with torch.enable_grad():
+            first(block(x, *call.args, **call.kwargs)).backward(grad)
+        grad, kept[i] = x.grad, []
+    return float(loss.detach())
 
 
 def collect_gradients(
@@ -119,14 +133,15 @@ def collect_gradients(
     """
     if norm not in NORMS:
         raise PrunewiseError(f"gblm: norm must be l1 or l2, got '{norm}'")
-    path, blocks = find_blocks(model, blocks_path)
-    modules = {f"{path}.{i}.{sub}": m for i, b in enumerate(blocks) for sub, m in block_linears(b)}
+    source = BlockSource(model, blocks_path, device)
+    modules = {name: m for _, name, m in source.all_linears()}
     weights = {name: m.weight for name, m in modules.items()}
     _check_backward(weights)
     dev = torch.device(device)
     need = memory_estimate(model, calib.shape[1], checkpointing)
     have = available if available is not None else available_memory(dev)
-    total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if dev.type == "cuda" else 0)
+    on_device = dev.type == "cuda" and not checkpointing  # the block-wise backward holds one block there
+    total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if on_device else 0)
     if have is not None and total > have:
         parts = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in need.items())
         hint = "" if checkpointing else "; try gblm:checkpointing=true"
@@ -138,7 +153,6 @@ def collect_gradients(
     acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=dev) for name, m in modules.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
     hooks = []
-    originals = list(blocks)
     was_training = model.training
     home = next(model.parameters()).device
 
@@ -153,18 +167,19 @@ def collect_gradients(
 
     try:
         model.eval()
-        model.to(dev)
+        if not checkpointing:
+            model.to(dev)
         for p in model.parameters():
             p.requires_grad_(False)
         for name, w in weights.items():
             w.requires_grad_(True)
             hooks.append(w.register_post_accumulate_grad_hook(fold(name, _is_conv1d(modules[name]))))
-        if checkpointing:
-            for i, block in enumerate(originals):
-                blocks[i] = _Checkpointed(block)
-        with torch.enable_grad():
-            for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
-                ids = window.unsqueeze(0).to(dev)
+        for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
+            ids = window.unsqueeze(0).to(dev)
+            if checkpointing:
+                backward_through_blocks(source, ids)
+                continue
+            with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 del logits
@@ -176,8 +191,6 @@ def collect_gradients(
     finally:
         for h in hooks:
             h.remove()
-        for i, block in enumerate(originals):
-            blocks[i] = block
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None

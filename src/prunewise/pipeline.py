@@ -13,7 +13,7 @@ from torch import nn
 
 from .allocation import Profile, block_profile, planner
 from .allocation.planner import Plan, build_profile
-from .allocation.providers import StatContext, provide
+from .allocation.providers import StatContext, provide, reads_calibration
 from .blocks import BlockSource
 from .config import PruneConfig, resolve_cache_dir
 from .data import calibration_ids, heldout_ids
@@ -38,7 +38,7 @@ def allocator_needs(config: PruneConfig) -> tuple[str, ...]:
 def needs_calibration(config: PruneConfig) -> bool:
     """Whether the run reads calibration data (for its metric, its allocator's statistics or its driver)."""
     name, params = config.allocator_spec
-    return (bool(METRICS.get(config.metric_spec[0]).needs) or "input_norms" in allocator_needs(config)
+    return (bool(METRICS.get(config.metric_spec[0]).needs) or reads_calibration(allocator_needs(config))
             or planner.driver_of(name, params) is not None)
 
 
@@ -66,7 +66,7 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
     cache_dir = resolve_cache_dir(cache_dir)
     name, params = config.allocator_spec
     driver = planner.driver_of(name, params)
-    if calib is None and ("input_norms" in allocator_needs(config) or driver is not None):
+    if calib is None and (reads_calibration(allocator_needs(config)) or driver is not None):
         if tokenizer is None:
             raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data "
                              "(pass a tokenizer or calib)")

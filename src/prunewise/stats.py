@@ -1,8 +1,8 @@
 """Per-layer input statistics, accumulated in float32 whatever the model dtype.
 
-A metric declares which statistics it needs (``needs=("input_sq_norm",)`` or ``("hessian",)``);
+A metric declares which statistics it needs (``needs=("input_norm",)`` or ``("hessian",)``);
 the engine attaches one :class:`LayerStats` per linear layer and feeds it every input the layer
-sees. ``hessian`` implies ``input_sq_norm`` (its diagonal), so it is never collected twice.
+sees. ``hessian`` implies ``input_norm`` (its diagonal), so it is never collected twice.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-KNOWN = ("input_sq_norm", "hessian", "grad")
-BLOCK = ("input_sq_norm", "hessian")  # collected by hooks in the block loop; "grad" comes precomputed
+KNOWN = ("input_norm", "hessian", "grad")
+BLOCK = ("input_norm", "hessian")  # collected by hooks in the block loop; "grad" comes precomputed
 
 
 @dataclass
@@ -58,6 +58,19 @@ class LayerStats:
         if self.gram is None:
             raise RuntimeError("the Hessian was not collected for this layer")
         return self.gram * (2.0 / max(self.nsamples, 1))
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        """Add the sums of ``other`` (the same layer's statistics over another shard of the
+        calibration set) into this one; returns ``self``."""
+        if other.in_features != self.in_features or other.want_gram != self.want_gram:
+            raise ValueError("cannot merge statistics of different layers or kinds")
+        self.nsamples += other.nsamples
+        self.ntokens += other.ntokens
+        for name in ("sq_sum", "gram"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
+        return self
 
     def release(self) -> None:
         self.sq_sum = None

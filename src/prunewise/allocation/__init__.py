@@ -34,7 +34,7 @@ class Profile:
 
     - ``eigenvalues``: ``{name: ascending eigenvalues of W^T W}`` (float64);
     - ``weights``: ``{name: weight matrix [C_out, C_in]}`` (the model's own tensors: read only);
-    - ``input_norms``: ``{name: Wanda's a_j, float32 [C_in]}`` from a dense calibration pass.
+    - ``dense_input_norm``: ``{name: Wanda's a_j, float32 [C_in]}`` from a dense calibration pass.
     """
 
     layers: list[LayerInfo]
@@ -62,7 +62,7 @@ def layer_scores(profile: Profile, name: str, kind: str) -> torch.Tensor:
     """Flat float32 scores of one layer: ``|W|`` (``magnitude``) or Wanda's ``|W| * a_j`` (``wanda``)."""
     w = profile.stats["weights"][name].detach().float().abs().cpu()
     if kind == "wanda":
-        w = w * profile.stats["input_norms"][name].float().cpu().unsqueeze(0)
+        w = w * profile.stats["dense_input_norm"][name].float().cpu().unsqueeze(0)
     return w.reshape(-1)
 
 

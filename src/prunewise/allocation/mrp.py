@@ -131,7 +131,7 @@ def _units(profile: Profile, granularity: str) -> list[tuple[list[str], int]]:
 
 def _needs(params: dict, metric: str) -> tuple[str, ...]:
     kind = score_kind(params.get("score", "auto"), metric)
-    return ("weights", "input_norms") if kind == "wanda" else ("weights",)
+    return ("weights", "dense_input_norm") if kind == "wanda" else ("weights",)
 
 
 def validate(profile: Profile, sparsity: float, *, m: float, step: float, start: float | str, threshold: str,
@@ -211,7 +211,7 @@ def _driver_for(params: dict):
     "mrp", rank=4,
     summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
     paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
-    needs=("weights", "input_norms"),
+    needs=("weights", "dense_input_norm"),
     needs_for=_needs,
     driver_for=_driver_for,
 )

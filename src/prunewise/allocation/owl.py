@@ -66,7 +66,7 @@ def map_ratios(ratios: list[float], profile: Profile, sparsity: float, lam: floa
     "owl", rank=1,
     summary="lower sparsity for blocks with more outlier Wanda scores (dense calibration pass)",
     paper="Yin et al., OWL, ICML 2024, arXiv 2310.05175",
-    needs=("weights", "input_norms"),
+    needs=("weights", "dense_input_norm"),
     nm=True,
 )
 def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, lam: float = 0.08,

@@ -8,10 +8,11 @@ A provider is registered by need name in :data:`STATISTICS` and is
 |---|---|---|
 | ``eigenvalues`` | ascending eigenvalues of ``W^T W`` per matrix (float64 SVD; AlphaPruning) | ``spectra/<sha256 of the weight>`` |
 | ``weights`` | the model's own weight tensors ``[C_out, C_in]`` (read only; OWL, MRP) | — |
-| ``input_norms`` | Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP) | ``input_norms/<sha256 of all parameters, calibration ids, blocks path>`` |
+| ``dense_input_norm`` | Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP) | ``dense_input_norm/<sha256 of all parameters, calibration ids, blocks path>`` |
 | ``grad`` | GBLM's accumulated gradient norm per weight, with the metric's options | ``gradients/<sha256 ...>`` (see :mod:`prunewise.gradients`) |
 
-A new statistic is one function here; allocators and metrics name it in ``needs``.
+A new statistic is one function here (``calibration=True`` when it reads calibration data);
+allocators and metrics name it in ``needs``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class StatContext:
         return self.calib
 
 
+def reads_calibration(needs: tuple[str, ...]) -> bool:
+    """Whether any of these statistics is computed from calibration data (``calibration=True`` in the registry)."""
+    return any(n in STATISTICS and STATISTICS.get(n).extra.get("calibration") for n in needs)
+
+
 def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
     """``{need: {linear name: value}}`` for every need, each from its registered provider."""
     out = {}
@@ -86,15 +92,17 @@ def weights(ctx: StatContext) -> dict[str, torch.Tensor]:
     return {x.name: weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers}
 
 
-@STATISTICS.register("input_norms", summary="Wanda's a_j per layer from a dense calibration pass, cached by content")
-def input_norms(ctx: StatContext) -> dict[str, torch.Tensor]:
-    calib = ctx.need_calib("input_norms")
+@STATISTICS.register("dense_input_norm", summary="Wanda's a_j per layer from a dense calibration pass, cached by content",
+                     calibration=True)
+def dense_norms(ctx: StatContext) -> dict[str, torch.Tensor]:
+    calib = ctx.need_calib("dense_input_norm")
     key = fingerprint(calib, extra=f"{model_fingerprint(ctx.model)}:{ctx.source.path}")
-    return cached(ctx.cache_dir, "input_norms", key,
+    return cached(ctx.cache_dir, "dense_input_norm", key,
                   lambda: dense_input_norms(ctx.source, calib, batch_size=ctx.batch_size, progress=ctx.progress))
 
 
-@STATISTICS.register("grad", summary="GBLM's accumulated per-sample gradient norm per weight, cached by content")
+@STATISTICS.register("grad", summary="GBLM's accumulated per-sample gradient norm per weight, cached by content",
+                     calibration=True)
 def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     from ..gradients import layer_gradients
 
@@ -111,7 +119,7 @@ def dense_input_norms(source: BlockSource, calib: torch.Tensor, *, batch_size: i
     norms: dict[str, torch.Tensor] = {}
 
     def step(i, block, linears, hidden, calls):
-        stats = {name: make_stats(("input_sq_norm",), weight_matrix(m).shape[1]) for name, m in linears}
+        stats = {name: make_stats(("input_norm",), weight_matrix(m).shape[1]) for name, m in linears}
         hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
         for name, st in stats.items():
             if st.ntokens == 0:

@@ -57,7 +57,7 @@ def grad_options(params: dict) -> dict:
     "gblm", rank=3,
     summary="|W| * ||X_j|| + |W| * G: Wanda plus accumulated per-sample gradients, per output row",
     paper="Das et al., GBLM-Pruner, arXiv 2311.04902",
-    needs=("input_sq_norm", "grad"),
+    needs=("input_norm", "grad"),
     kind="score",
     group="row",
     grad_options=grad_options,

@@ -27,7 +27,7 @@ from ..stats import LayerStats
     "wanda", rank=1,
     summary="|W| * ||X_j||: weight times input activation norm, per output row",
     paper="Sun et al., A Simple and Effective Pruning Approach for LLMs, arXiv 2306.11695",
-    needs=("input_sq_norm",),
+    needs=("input_norm",),
     kind="score",
     group="row",
 )
