@@ -21,19 +21,28 @@ RUNS = [
     ("gblm", "atp:beta=0.01", 0.6, "unstructured"),
     ("wanda", "mrp", 0.7, "unstructured"),
 ]
+# --all: also the allocator drivers (ATP's beta search, MRP's dynamic rounds) and GBLM's
+# block-by-block backward (checkpointing=true).
+EXTRA = [
+    ("wanda", "atp", 0.7, "unstructured"),
+    ("wanda", "mrp:stats=dynamic", 0.7, "unstructured"),
+    ("gblm:checkpointing=true", "uniform", 0.5, "unstructured"),
+    ("gblm", "uniform", 0.5, "unstructured"),
+]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the digests to this JSON file")
+    parser.add_argument("--all", action="store_true", help="also the allocator drivers and GBLM's block-wise backward")
     args = parser.parse_args()
     digests = {}
-    for metric, allocator, sparsity, pattern in RUNS:
+    for metric, allocator, sparsity, pattern in RUNS + (EXTRA if args.all else []):
         config = PruneConfig(model="smollm2-135m", metric=metric, allocator=allocator, sparsity=sparsity,
                              pattern=pattern, calib="wiki", nsamples=4, seqlen=128, seed=0)
         record = run(config, progress=False).record
         name = f"{metric}/{allocator} {pattern if sparsity is None else sparsity}"
-        digests[name] = record["pruning"]["mask_sha256"]
+        digests[name] = record.mask_sha256
         print(f"{name:<32} {digests[name]}", flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
