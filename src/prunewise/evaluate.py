@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .blocks import BlockSource, replay_step
 from .data import load_text, tokenize
@@ -67,6 +68,7 @@ def perplexity(
     bos_id: int | None = None,
     progress: bool = True,
     blocks_path: str | None = None,
+    chunk: int | None = None,
 ) -> dict:
     """Perplexity of ``model`` on the 1-D token stream ``ids``; returns the number and its protocol.
 
@@ -81,19 +83,26 @@ def perplexity(
     windows = ids[: nwin * step].view(nwin, step)
     if bos_id is not None:
         windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=windows.dtype), windows], dim=1)
-    # Through the block loop: one block at a time on the device, logits per batch from the model's own head.
+    # Through the block loop: one block at a time on the device, logits from the model's own head.
+    # ``chunk`` windows go through the blocks together (default: one batch, the allocation pattern
+    # of a plain forward); a source that reads blocks from disk wants larger chunks.
     source = BlockSource(model, blocks_path, device)
-    inputs = source.capture(windows, batch_size)
-    hidden = source.walk(replay_step, inputs, desc="perplexity", progress=progress)
+    bar = tqdm(total=nwin, desc="perplexity", unit="window", disable=not progress)
     losses = []
-    for batch, h in zip(windows.split(batch_size), hidden):
-        batch = batch.to(source.device)
-        logits = source.logits(h, batch, inputs.as_tuple)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
-        )
-        losses.append(loss.view(batch.shape[0], -1).mean(1).double().cpu())
-        del logits
+    for part in windows.split(chunk or batch_size):
+        inputs = source.capture(part, batch_size)
+        hidden = source.walk(replay_step, inputs, desc="perplexity", progress=False)
+        for j, batch in enumerate(part.split(batch_size)):
+            batch = batch.to(source.device)
+            logits = source.logits(hidden[j], batch, inputs.as_tuple)
+            hidden[j] = None
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
+            )
+            losses.append(loss.view(batch.shape[0], -1).mean(1).double().cpu())
+            del logits
+        bar.update(part.shape[0])
+    bar.close()
     mean = torch.cat(losses).mean().item()
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
 
