@@ -29,6 +29,7 @@ Deviations from reference: gradients are computed in the model's dtype and accum
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -115,30 +116,9 @@ def backward_through_blocks(source: BlockSource, ids: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def collect_gradients(
-    model: nn.Module,
-    calib: torch.Tensor,
-    *,
-    norm: str = "l1",
-    scale: float = 100.0,
-    checkpointing: bool = False,
-    device: str = "cpu",
-    blocks_path: str | None = None,
-    progress: bool = True,
-    available: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """``{linear name: float32 G}`` over the windows of ``calib`` (``[n, seqlen]``), one backward each.
-
-    ``available`` overrides the free memory used for the up-front check (bytes).
-    """
-    if norm not in NORMS:
-        raise PrunewiseError(f"gblm: norm must be l1 or l2, got '{norm}'")
-    source = BlockSource(model, blocks_path, device)
-    modules = {name: m for _, name, m in source.all_linears()}
-    weights = {name: m.weight for name, m in modules.items()}
-    _check_backward(weights)
-    dev = torch.device(device)
-    need = memory_estimate(model, calib.shape[1], checkpointing)
+def _check_memory(model: nn.Module, dev: torch.device, seqlen: int, checkpointing: bool, available: int | None) -> dict:
+    """Raise with what is needed when the estimate exceeds the memory available on ``dev``."""
+    need = memory_estimate(model, seqlen, checkpointing)
     have = available if available is not None else available_memory(dev)
     on_device = dev.type == "cuda" and not checkpointing  # the block-wise backward holds one block there
     total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if on_device else 0)
@@ -149,12 +129,16 @@ def collect_gradients(
             f"gblm: gradient collection needs about {total / 1e9:.2f} GB ({parts}) but {have / 1e9:.2f} GB "
             f"is available on {dev}{hint}, fewer/shorter calibration windows, or a larger device"
         )
+    return need
 
-    acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=dev) for name, m in modules.items()}
+
+@contextlib.contextmanager
+def _folding(model: nn.Module, modules: dict[str, nn.Module], acc: dict[str, torch.Tensor], norm: str, scale: float):
+    """Only the prunable weights require grad; each one's gradient is folded into its accumulator
+    the moment autograd produces it, then freed. Everything is put back afterwards."""
     flags = {p: p.requires_grad for p in model.parameters()}
-    hooks = []
     was_training = model.training
-    home = next(model.parameters()).device
+    hooks = []
 
     def fold(name: str, transposed: bool):
         def hook(param: torch.Tensor) -> None:
@@ -167,35 +151,72 @@ def collect_gradients(
 
     try:
         model.eval()
-        if not checkpointing:
-            model.to(dev)
         for p in model.parameters():
             p.requires_grad_(False)
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            hooks.append(w.register_post_accumulate_grad_hook(fold(name, _is_conv1d(modules[name]))))
-        for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
-            ids = window.unsqueeze(0).to(dev)
-            if checkpointing:
-                backward_through_blocks(source, ids)
-                continue
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-                del logits
-                loss.backward()
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise PrunewiseError(f"gblm: out of memory during backward ({need}); try gblm:checkpointing=true") from None
-        raise
+        for name, m in modules.items():
+            m.weight.requires_grad_(True)
+            hooks.append(m.weight.register_post_accumulate_grad_hook(fold(name, _is_conv1d(m))))
+        yield
     finally:
         for h in hooks:
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
-        model.to(home)
         model.train(was_training)
+
+
+def _backward_whole(model: nn.Module, ids: torch.Tensor) -> None:
+    """One window's loss backward through the whole model in one autograd graph."""
+    with torch.enable_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        del logits
+        loss.backward()
+
+
+def collect_gradients(
+    model: nn.Module,
+    calib: torch.Tensor,
+    *,
+    norm: str = "l1",
+    scale: float = 100.0,
+    checkpointing: bool = False,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    progress: bool = True,
+    available: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{linear name: float32 G}`` over the windows of ``calib`` (``[n, seqlen]``), one backward each:
+    through the whole model on ``device``, or with ``checkpointing`` block by block over the block loop.
+
+    ``available`` overrides the free memory used for the up-front check (bytes).
+    """
+    if norm not in NORMS:
+        raise PrunewiseError(f"gblm: norm must be l1 or l2, got '{norm}'")
+    source = BlockSource(model, blocks_path, device)
+    modules = {name: m for _, name, m in source.all_linears()}
+    _check_backward({name: m.weight for name, m in modules.items()})
+    need = _check_memory(model, source.device, calib.shape[1], checkpointing, available)
+    acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
+           for name, m in modules.items()}
+    home = next(model.parameters()).device
+    try:
+        if not checkpointing:
+            model.to(source.device)
+        with _folding(model, modules, acc, norm, scale):
+            for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
+                ids = window.unsqueeze(0).to(source.device)
+                if checkpointing:
+                    backward_through_blocks(source, ids)
+                else:
+                    _backward_whole(model, ids)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise PrunewiseError(f"gblm: out of memory during backward ({need}); try gblm:checkpointing=true") from None
+        raise
+    finally:
+        model.to(home)
     if norm == "l2":
         for t in acc.values():
             t.sqrt_()

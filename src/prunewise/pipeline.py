@@ -236,21 +236,8 @@ def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, cali
     t_prune = time.perf_counter()
     result = prune(model, tokenizer, config, calib=calib, allocation=allocation, cache_dir=cache_dir,
                    progress=progress)
-    record.timings["prune_s"] = prune_s = time.perf_counter() - t_prune
-    record.pruning = {
-        "blocks_path": result.blocks_path,
-        "calib_tokens": result.calib_tokens,
-        "sparsity": result.sparsity,
-        "target": config.target,
-        "mask_sha256": mask_digest(model, result.blocks_path),
-        "wall_s": prune_s,
-        "timings": result.timings,
-        "layers": [
-            {"name": r.name, "block": r.block, "shape": list(r.shape), "target": r.target,
-             "achieved": r.achieved, "zeros": r.zeros}
-            for r in result.layers
-        ],
-    }
+    record.timings["prune_s"] = time.perf_counter() - t_prune
+    record.pruning = _pruning_section(model, config, result, record.timings["prune_s"])
     if config.eval_data:
         t0 = time.perf_counter()
         record.pruned = evaluate(model, tokenizer, config.eval_data, **_eval_kwargs(config, cache_dir, progress))
@@ -261,6 +248,23 @@ def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, cali
         record.zero_shot["pruned"] = _zero_shot_on(model, tokenizer, config, progress)
         record.timings["zero_shot_s"] = time.perf_counter() - t0
     return record, result
+
+
+def _pruning_section(model: nn.Module, config: PruneConfig, result: PruneResult, wall_s: float) -> dict[str, Any]:
+    return {
+        "blocks_path": result.blocks_path,
+        "calib_tokens": result.calib_tokens,
+        "sparsity": result.sparsity,
+        "target": config.target,
+        "mask_sha256": mask_digest(model, result.blocks_path),
+        "wall_s": wall_s,
+        "timings": result.timings,
+        "layers": [
+            {"name": r.name, "block": r.block, "shape": list(r.shape), "target": r.target,
+             "achieved": r.achieved, "zeros": r.zeros}
+            for r in result.layers
+        ],
+    }
 
 
 def check_inputs(model: nn.Module, config: PruneConfig) -> None:
@@ -340,16 +344,9 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
         raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
 
     def measure(spec: str, ppl: bool, zs: bool) -> tuple[dict | None, dict | None]:
-        m, tok, _ = load_model(spec, dtype, cache_dir)
-        if ppl:
-            check_context(m, "seqlen", seqlen)
-        result = evaluate(m, tok, data, seqlen, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                          cache_dir=cache_dir, progress=progress) if ppl else None
-        if zs:
-            m.to(device)
-        acc = zero_shot(m, tok, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
-                        device=device, progress=progress) if zs else None
-        return result, acc
+        return _measure(spec, dtype, cache_dir, data if ppl else None, seqlen,
+                        dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
+                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None)
 
     result, acc = measure(model, want_ppl, bool(tasks))
     out = EvalOutput()
@@ -372,3 +369,19 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     if tasks:
         out.zero_shot += [("dense", dense_acc), ("pruned", acc)]
     return out
+
+
+def _measure(spec: str, dtype: str, cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],
+             zs: dict[str, Any] | None) -> tuple[dict | None, dict | None]:
+    """Load ``spec`` and measure its perplexity on ``data`` and/or zero-shot accuracy (``zs``)."""
+    model, tok, _ = load_model(spec, dtype, cache_dir)
+    ppl = None
+    if data is not None:
+        check_context(model, "seqlen", seqlen)
+        ppl = evaluate(model, tok, data, seqlen, cache_dir=cache_dir, **kw)
+    acc = None
+    if zs is not None:
+        model.to(kw["device"])
+        acc = zero_shot(model, tok, zs["tasks"], include_path=zs["include_path"], limit=zs["limit"],
+                        batch_size=kw["batch_size"], device=kw["device"], progress=kw["progress"])
+    return ppl, acc

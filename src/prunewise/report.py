@@ -107,6 +107,57 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
 
 
+def _figures(rows: list[ResultRow], ok: list[ResultRow], dense_ppl: float | None, out: Path) -> list[str]:
+    """The perplexity-vs-sparsity and per-block profile sections, with their PNGs written to ``out``."""
+    md: list[str] = []
+    figures = []
+    for metric in ordered([r.metric for r in ok], METRICS):
+        png = plot_ppl_vs_sparsity(rows, metric, dense_ppl, out / f"ppl_{_safe(metric)}.png")
+        if png:
+            figures.append(f"![{metric}: perplexity vs sparsity]({png.name})")
+    if figures:
+        md += ["## Perplexity vs sparsity", "", *figures, ""]
+    profiles = []
+    for a in ordered([r.allocator for r in ok], ALLOCATORS):
+        if base(a) == "uniform":
+            continue
+        png = plot_allocator_profiles(rows, a, out / f"profile_{_safe(a)}.png")
+        if png:
+            profiles.append(f"![{a}: per-block sparsity]({png.name})")
+        searched = [r for r in ok if r.allocator == a and r.search]
+        if searched:
+            profiles.append("")
+            profiles.append(f"{a}: searched `{searched[0].search['parameter']}` per run: " + ", ".join(
+                f"{r.metric} {col_name((r.pattern, r.target))} -> {r.search['chosen']:g}"
+                for r in sorted(searched, key=lambda r: (r.metric, r.nm, r.target))) + ".")
+            profiles.append("")
+    if profiles:
+        md += ["## Per-block sparsity of each allocator", "", *profiles, ""]
+    return md
+
+
+def _time_table(ok: list[ResultRow]) -> list[str]:
+    """Median seconds per run by metric: allocator, prune, perplexity, zero-shot, whole run."""
+    md: list[str] = []
+    times = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        if r.wall_s is not None:
+            times[base(r.metric)]["run"].append(r.wall_s)
+            for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s"):
+                if k in r.timings:
+                    times[base(r.metric)][k].append(r.timings[k])
+    if times:
+        md += ["## Time per run (median seconds)", "",
+               "| metric | runs | allocator | prune | perplexity | zero-shot | whole run |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for m, t in times.items():
+            cells = [f"{statistics.median(t[k]):.1f}" if t.get(k) else "-"
+                     for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s", "run")]
+            md.append(f"| {m} | {len(t['run'])} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
+
+
 def write_report(folder: Path, out: Path | None = None, notes: Path | None = None) -> Path:
     """Write ``report.md`` and its PNGs into ``out`` (default ``folder``); returns the report path."""
     rows, dense, settings = load_rows(folder)
@@ -134,29 +185,7 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
         md += ["## The papers' comparisons on these results", "",
                "Each line counts the cells of the table above where the claim holds (lower perplexity).", "",
                *claims, ""]
-    figures = []
-    for metric in ordered([r.metric for r in ok], METRICS):
-        png = plot_ppl_vs_sparsity(rows, metric, dense_ppl, out / f"ppl_{_safe(metric)}.png")
-        if png:
-            figures.append(f"![{metric}: perplexity vs sparsity]({png.name})")
-    if figures:
-        md += ["## Perplexity vs sparsity", "", *figures, ""]
-    profiles = []
-    for a in ordered([r.allocator for r in ok], ALLOCATORS):
-        if base(a) == "uniform":
-            continue
-        png = plot_allocator_profiles(rows, a, out / f"profile_{_safe(a)}.png")
-        if png:
-            profiles.append(f"![{a}: per-block sparsity]({png.name})")
-        searched = [r for r in ok if r.allocator == a and r.search]
-        if searched:
-            profiles.append("")
-            profiles.append(f"{a}: searched `{searched[0].search['parameter']}` per run: " + ", ".join(
-                f"{r.metric} {col_name((r.pattern, r.target))} -> {r.search['chosen']:g}"
-                for r in sorted(searched, key=lambda r: (r.metric, r.nm, r.target))) + ".")
-            profiles.append("")
-    if profiles:
-        md += ["## Per-block sparsity of each allocator", "", *profiles, ""]
+    md += _figures(rows, ok, dense_ppl, out)
     zs = zero_shot_table(rows, (dense or {}).get("zero_shot"))
     if zs:
         md += ["## Zero-shot accuracy (%)", "", zs, ""]
@@ -164,22 +193,7 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
         md += ["## Failed runs", ""]
         md += [f"- {r.metric} / {r.allocator} / {r.pattern} {r.target:g}: `{r.error}`" for r in failed]
         md.append("")
-    times = defaultdict(lambda: defaultdict(list))
-    for r in ok:
-        if r.wall_s is not None:
-            times[base(r.metric)]["run"].append(r.wall_s)
-            for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s"):
-                if k in r.timings:
-                    times[base(r.metric)][k].append(r.timings[k])
-    if times:
-        md += ["## Time per run (median seconds)", "",
-               "| metric | runs | allocator | prune | perplexity | zero-shot | whole run |",
-               "|---|---:|---:|---:|---:|---:|---:|"]
-        for m, t in times.items():
-            cells = [f"{statistics.median(t[k]):.1f}" if t.get(k) else "-"
-                     for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s", "run")]
-            md.append(f"| {m} | {len(t['run'])} | " + " | ".join(cells) + " |")
-        md.append("")
+    md += _time_table(ok)
     path = out / REPORT
     path.write_text("\n".join(md), encoding="utf-8")
     return path

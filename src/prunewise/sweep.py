@@ -200,111 +200,134 @@ def _slug(config: PruneConfig, key: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)[:80] + f"-{key[:8]}"
 
 
-def _stamp(record: RunRecord, common: dict[str, Any], t0: float) -> None:
-    """Source, versions, wall time and peak memory: what the sweep knows about each run."""
-    from .io import peak_memory
+class SweepWorker:
+    """One loaded model that runs many configurations of a sweep: dense prunable weights copied
+    once and restored before every run, calibration ids tokenized once. Each run is
+    :func:`prunewise.pipeline.prune_and_evaluate`, the function ``prunewise prune`` uses; the
+    result is the run's result line (its key, status and :meth:`RunRecord.summary`)."""
 
-    record.source, record.versions = common["source"], common["versions"]
-    record.wall_s, record.memory = time.perf_counter() - t0, peak_memory()
+    def __init__(self, base: PruneConfig, configs: list[PruneConfig], cache_dir: Path):
+        from .allocation.planner import build_profile
+        from .blocks import BlockSource
+        from .data import calibration_ids
+        from .io import versions
+        from .models import load_model
+        from .pipeline import backup_weights, check_inputs, needs_calibration
+
+        self.base, self.cache_dir = base, cache_dir
+        self.model, self.tokenizer, source = load_model(base.model, base.dtype, cache_dir)
+        for config in configs:
+            check_inputs(self.model, config)
+        self.calib = None
+        if any(needs_calibration(c) for c in configs):
+            self.calib = calibration_ids(self.tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
+        self.dense_weights = backup_weights(self.model, build_profile(BlockSource(self.model, base.blocks_path)))
+        self.common = {"source": {"kind": source.kind, "path": source.path}, "versions": versions()}
+
+    def dense_row(self, key: str, progress: bool) -> dict[str, Any]:
+        """The dense baseline (perplexity, zero-shot) of the base settings, measured once."""
+        from .pipeline import evaluate_dense
+
+        t0 = time.perf_counter()
+        dense = evaluate_dense(self.model, self.tokenizer, self.base, self.cache_dir, progress)
+        return {"key": key, "kind": "dense", "status": "ok", "finished": _now(),
+                "config": {k: getattr(self.base, k) for k in DENSE_FIELDS},
+                "ppl": dense.dense, "zero_shot": dense.zero_shot.get("dense"),
+                "wall_s": time.perf_counter() - t0, **self.common}
+
+    def run(self, config: PruneConfig, key: str, save_to: Path | None = None) -> tuple[dict[str, Any], RunRecord]:
+        """One run from the dense weights; a failure is recorded in the line, never raised."""
+        from .io import save_run
+        from .pipeline import prune_and_evaluate, restore_weights
+        from .plots import save_profile_plot
+
+        restore_weights(self.model, self.dense_weights)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"key": key, "kind": "run"}
+        record = RunRecord(config.to_dict())
+        try:
+            record, _ = prune_and_evaluate(self.model, self.tokenizer, config, calib=self.calib,
+                                           cache_dir=self.cache_dir, progress=False, dense=False,
+                                           dense_weights=self.dense_weights)
+            if save_to is not None:
+                self._stamp(record, t0)
+                row["saved"] = str(save_run(self.model, self.tokenizer, save_to, record, overwrite=True))
+                save_profile_plot(record, save_to)
+            row["status"] = "ok"
+        except Exception as exc:  # recorded, and the sweep goes on
+            row.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=-3)})
+            log.debug("run %s failed", key, exc_info=True)
+        self._stamp(record, t0)
+        row.update(finished=_now(), **record.summary())
+        return row, record
+
+    def _stamp(self, record: RunRecord, t0: float) -> None:
+        from .io import peak_memory
+
+        record.source, record.versions = self.common["source"], self.common["versions"]
+        record.wall_s, record.memory = time.perf_counter() - t0, peak_memory()
+
+    def close(self) -> None:
+        from .pipeline import restore_weights
+
+        restore_weights(self.model, self.dense_weights)
 
 
-def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
-              save: bool = False, retry_failed: bool = False) -> SweepSummary:
-    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``."""
-    from .allocation.planner import build_profile
-    from .blocks import BlockSource
-    from .io import save_run, versions
-    from .models import load_model
-    from .pipeline import (
-        backup_weights,
-        check_inputs,
-        evaluate_dense,
-        needs_calibration,
-        prune_and_evaluate,
-        restore_weights,
-    )
-    from .plots import save_profile_plot
-
-    t_start = time.perf_counter()
-    out = Path(out)
-    cache_dir = resolve_cache_dir(cache_dir)
+def _pending(sweep: Sweep, out: Path, retry_failed: bool) -> tuple[list[PruneConfig], list, set[str]]:
+    """The grid, its skipped combinations and the keys already finished in ``out`` (sweep.json written,
+    a torn last line of results.jsonl closed)."""
     runs, skipped = sweep.expand()
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS
     atomic_write_text(out / SPEC, json.dumps({"sweep": sweep.to_dict(), "runs": len(runs),
                                               "skipped": [{**c, "reason": r} for c, r in skipped]}, indent=2) + "\n")
-    summary = SweepSummary(out, skipped_invalid=skipped)
+    results_path = out / RESULTS
     if results_path.is_file() and not results_path.read_bytes().endswith(b"\n"):
         with open(results_path, "ab") as fh:  # a torn last line (killed mid-write) stays on its own line
             fh.write(b"\n")
     done = {row["key"] for row in read_results(results_path)
             if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed)}
+    return runs, skipped, done
+
+
+def _progress_line(i: int, n: int, config: PruneConfig, row: dict[str, Any], record: RunRecord) -> str:
+    if row["status"] != "ok":
+        return f"[{i}/{n}] {label(config)}: FAILED {row['error']}"
+    ppl = f"perplexity {record.pruned['ppl']:.3f}" if record.pruned else "no perplexity"
+    acc = (record.zero_shot.get("pruned") or {}).get("average", {}).get("acc")
+    acc_text = f", mean acc {acc:.4f}" if acc is not None else ""
+    return f"[{i}/{n}] {label(config)}: {ppl}{acc_text} (sparsity {record.sparsity:.6f}, {record.wall_s:.1f} s)"
+
+
+def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
+              save: bool = False, retry_failed: bool = False) -> SweepSummary:
+    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    runs, skipped, done = _pending(sweep, out, retry_failed)
+    summary = SweepSummary(out, skipped_invalid=skipped)
     todo = [c for c in runs if run_key(c) not in done]
     summary.skipped_done = len(runs) - len(todo)
     base = runs[0]
     dkey = dense_key(base)
     need_dense = (base.eval_data or base.tasks) and dkey not in done
-    if not todo and not need_dense:
-        summary.wall_s = time.perf_counter() - t_start
-        return summary
-
-    model, tokenizer, source = load_model(base.model, base.dtype, cache_dir)
-    for config in runs:
-        check_inputs(model, config)
-    calib = None
-    if any(needs_calibration(c) for c in todo):
-        from .data import calibration_ids
-
-        calib = calibration_ids(tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
-    dense_weights = backup_weights(model, build_profile(BlockSource(model, base.blocks_path)))
-    common = {"source": {"kind": source.kind, "path": source.path}, "versions": versions()}
-
-    if need_dense:
-        t0 = time.perf_counter()
-        dense = evaluate_dense(model, tokenizer, base, cache_dir, progress)
-        row = {"key": dkey, "kind": "dense", "status": "ok", "finished": _now(),
-               "config": {k: getattr(base, k) for k in DENSE_FIELDS},
-               "ppl": dense.dense, "zero_shot": dense.zero_shot.get("dense"),
-               "wall_s": time.perf_counter() - t0, **common}
-        _append(results_path, row)
-        if row["ppl"]:
-            tqdm.write(f"dense: perplexity {row['ppl']['ppl']:.3f}")
-
-    bar = tqdm(todo, desc="sweep", unit="run", disable=not progress)
-    for i, config in enumerate(bar, 1):
-        key = run_key(config)
-        bar.set_postfix_str(label(config))
-        restore_weights(model, dense_weights)
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"key": key, "kind": "run"}
-        record = RunRecord(config.to_dict())
-        try:
-            record, _ = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                           progress=False, dense=False, dense_weights=dense_weights)
-            if save:
-                _stamp(record, common, t0)
-                folder = out / "runs" / _slug(config, key)
-                row["saved"] = str(save_run(model, tokenizer, folder, record, overwrite=True))
-                save_profile_plot(record, folder)
-            row["status"] = "ok"
-            summary.ran += 1
-        except Exception as exc:  # recorded, and the sweep goes on
-            row.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(limit=-3)})
-            summary.failed += 1
-            log.debug("run %s failed", key, exc_info=True)
-        _stamp(record, common, t0)
-        row.update(finished=_now(), **record.summary())
-        _append(results_path, row)
-        if row["status"] == "ok":
-            ppl = f"perplexity {record.pruned['ppl']:.3f}" if record.pruned else "no perplexity"
-            acc = (record.zero_shot.get("pruned") or {}).get("average", {}).get("acc")
-            acc_text = f", mean acc {acc:.4f}" if acc is not None else ""
-            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: {ppl}{acc_text} (sparsity {record.sparsity:.6f}, "
-                       f"{record.wall_s:.1f} s)")
-        else:
-            tqdm.write(f"[{i}/{len(todo)}] {label(config)}: FAILED {row['error']}")
-    restore_weights(model, dense_weights)
+    if todo or need_dense:
+        worker = SweepWorker(base, todo or [base], resolve_cache_dir(cache_dir))
+        if need_dense:
+            row = worker.dense_row(dkey, progress)
+            _append(out / RESULTS, row)
+            if row["ppl"]:
+                tqdm.write(f"dense: perplexity {row['ppl']['ppl']:.3f}")
+        bar = tqdm(todo, desc="sweep", unit="run", disable=not progress)
+        for i, config in enumerate(bar, 1):
+            key = run_key(config)
+            bar.set_postfix_str(label(config))
+            row, record = worker.run(config, key, out / "runs" / _slug(config, key) if save else None)
+            _append(out / RESULTS, row)
+            summary.ran += row["status"] == "ok"
+            summary.failed += row["status"] != "ok"
+            tqdm.write(_progress_line(i, len(todo), config, row, record))
+        worker.close()
     summary.wall_s = time.perf_counter() - t_start
     return summary
 
