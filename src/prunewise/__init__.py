@@ -23,6 +23,7 @@ from .evaluate import evaluate, perplexity, zero_shot  # noqa: E402
 from .masks import parse_pattern  # noqa: E402
 from .models import find_blocks, load_model  # noqa: E402
 from .pipeline import plan, prune, run  # noqa: E402
+from .record import RunRecord  # noqa: E402
 from .registry import ALLOCATORS, METRICS  # noqa: E402
 from .report import write_report  # noqa: E402
 from .sweep import Sweep, run_sweep  # noqa: E402
@@ -30,5 +31,5 @@ from .sweep import Sweep, run_sweep  # noqa: E402
 __all__ = [
     "ALLOCATORS", "METRICS", "ConfigError", "Plan", "PruneConfig", "PruneResult", "PrunewiseError",
     "evaluate", "find_blocks", "load_model", "parse_pattern", "perplexity", "plan", "prune",
-    "prune_model", "run", "Sweep", "run_sweep", "write_report", "zero_shot",
+    "prune_model", "run", "RunRecord", "Sweep", "run_sweep", "write_report", "zero_shot",
 ]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .allocation.providers import STATISTICS
 from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
 from .errors import PrunewiseError
 from .export import EXPORTERS
@@ -238,6 +239,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("  unstructured:group=row    compare weights within each output row")
     print("  unstructured:group=matrix compare weights across the whole matrix")
     print("  N:M (e.g. 2:4, 4:8)       exactly N zeros in every M consecutive inputs of a row; sparsity N/M")
+    print("statistics (what metrics and allocators name in needs):")
+    print("  input_norm, hessian       collected by hooks in the block loop while a block is pruned")
+    for e in STATISTICS:
+        print(f"  {e.name:<25} {e.summary}")
+    print("formats (--format):")
+    for e in EXPORTERS:
+        print(f"  {e.name:<25} {e.summary}")
     return 0
 
 
