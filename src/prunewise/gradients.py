@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .blocks import BlockSource, first, run_block
 from .errors import PrunewiseError
-from .models import _is_conv1d, block_linears, find_blocks, weight_matrix
+from .models import _is_conv1d, weight_matrix
 from .statcache import cached, fingerprint, model_fingerprint
 
 NORMS = ("l1", "l2")
@@ -59,11 +59,11 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def memory_estimate(model: nn.Module, seqlen: int, checkpointing: bool) -> dict[str, int]:
+def memory_estimate(source: BlockSource, seqlen: int, checkpointing: bool) -> dict[str, int]:
     """Rough bytes needed beyond the loaded weights: float32 accumulators, the largest gradient
     alive at once, and activations kept for the backward pass of one window."""
-    _, blocks = find_blocks(model)
-    prunable = [weight_matrix(m) for b in blocks for _, m in block_linears(b)]
+    model = source.model
+    prunable = [weight_matrix(m) for _, _, m in source.all_linears()]
     acc = sum(w.numel() for w in prunable) * 4
     elt = next(model.parameters()).element_size()
     cfg = model.config
@@ -72,7 +72,7 @@ def memory_estimate(model: nn.Module, seqlen: int, checkpointing: bool) -> dict[
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
     vocab = getattr(cfg, "vocab_size", 0)
     per_block = seqlen * (10 * hidden + 3 * inter + heads * seqlen) * elt
-    layers = len(blocks)
+    layers = len(source)
     acts = layers * seqlen * hidden * elt + per_block if checkpointing else layers * per_block
     logits = 3 * seqlen * vocab * 4
     return {"accumulators": acc, "gradient": max(w.numel() for w in prunable) * elt,
@@ -116,9 +116,10 @@ def backward_through_blocks(source: BlockSource, ids: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def _check_memory(model: nn.Module, dev: torch.device, seqlen: int, checkpointing: bool, available: int | None) -> dict:
-    """Raise with what is needed when the estimate exceeds the memory available on ``dev``."""
-    need = memory_estimate(model, seqlen, checkpointing)
+def _check_memory(source: BlockSource, seqlen: int, checkpointing: bool, available: int | None) -> dict:
+    """Raise with what is needed when the estimate exceeds the memory available on the device."""
+    model, dev = source.model, source.device
+    need = memory_estimate(source, seqlen, checkpointing)
     have = available if available is not None else available_memory(dev)
     on_device = dev.type == "cuda" and not checkpointing  # the block-wise backward holds one block there
     total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if on_device else 0)
@@ -197,7 +198,7 @@ def collect_gradients(
     source = BlockSource(model, blocks_path, device)
     modules = {name: m for _, name, m in source.all_linears()}
     _check_backward({name: m.weight for name, m in modules.items()})
-    need = _check_memory(model, source.device, calib.shape[1], checkpointing, available)
+    need = _check_memory(source, calib.shape[1], checkpointing, available)
     acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
            for name, m in modules.items()}
     home = next(model.parameters()).device
