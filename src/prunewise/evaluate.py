@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockSource, replay_step
+from .blocks import BlockSource, Inputs, replay_step
 from .data import load_text, tokenize
 from .errors import PrunewiseError
 
@@ -84,15 +84,18 @@ def perplexity(
     if bos_id is not None:
         windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=windows.dtype), windows], dim=1)
     # Through the block loop: one block at a time on the device, logits from the model's own head.
-    # ``chunk`` windows go through the blocks together (default: one batch, the allocation pattern
-    # of a plain forward); a source that reads blocks from disk wants larger chunks.
+    # Every window is captured once; ``chunk`` windows walk the blocks together (default one batch:
+    # the lowest peak memory on CPU); a source that reads blocks from disk wants larger chunks.
     source = BlockSource(model, blocks_path, device)
     bar = tqdm(total=nwin, desc="perplexity", unit="window", disable=not progress)
+    inputs = source.capture(windows, batch_size)
+    batches = list(windows.split(batch_size))
+    per = max((chunk or batch_size) // batch_size, 1)  # batches that walk the blocks together
     losses = []
-    for part in windows.split(chunk or batch_size):
-        inputs = source.capture(part, batch_size)
-        hidden = source.walk(replay_step, inputs, desc="perplexity", progress=False)
-        for j, batch in enumerate(part.split(batch_size)):
+    for k in range(0, len(batches), per):
+        part = Inputs(inputs.hidden[k:k + per], [calls[k:k + per] for calls in inputs.calls], inputs.as_tuple)
+        hidden = source.walk(replay_step, part, desc="perplexity", progress=False)
+        for j, batch in enumerate(batches[k:k + per]):
             batch = batch.to(source.device)
             logits = source.logits(hidden[j], batch, inputs.as_tuple)
             hidden[j] = None
@@ -101,7 +104,9 @@ def perplexity(
             )
             losses.append(loss.view(batch.shape[0], -1).mean(1).double().cpu())
             del logits
-        bar.update(part.shape[0])
+            bar.update(batch.shape[0])
+        for b in range(k, min(k + per, len(batches))):
+            inputs.hidden[b] = None
     bar.close()
     mean = torch.cat(losses).mean().item()
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
