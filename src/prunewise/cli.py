@@ -18,7 +18,6 @@ from .allocation.providers import STATISTICS
 from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
 from .errors import PrunewiseError
 from .export import EXPORTERS
-from .plots import save_profile_plot
 from .record import RunRecord
 from .registry import ALLOCATORS, METRICS
 from .tables import block_table, layer_table, ppl_table, zero_shot_columns
@@ -135,6 +134,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
+    from .plots import save_profile_plot
 
     config = _config_from_args(args)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,

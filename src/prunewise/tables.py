@@ -138,10 +138,6 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def fmt_ppl(entry: dict | None) -> str:
-    return f"{entry['ppl']:.3f}" if entry else "-"
-
-
 def ppl_table(rows: list[tuple[str, dict]]) -> str:
     lines = [f"{'model':<28} {'perplexity':>11}  {'data':<10} {'split':<12} {'seqlen':>6} {'tokens':>8}"]
     for label, e in rows:
