@@ -161,15 +161,14 @@ def prune(
     if allocation is None:
         allocation = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress).allocation
     entry = METRICS.get(metric)
-    ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, progress)
     grads, grad_s = None, 0.0
     if "grad" in entry.needs:
         t0 = time.perf_counter()
-        grads = provide(("grad",), ctx)["grad"]
+        grads = provide(("grad",), stat_context(model, config, resolve_cache_dir(cache_dir), calib, progress))["grad"]
         grad_s = time.perf_counter() - t0
     opts = PruneOptions(entry, params, allocation, config.pattern_obj, config.mode, config.propagate,
                         config.batch_size, grads)
-    result = prune_blocks(ctx.source, calib, opts, progress)
+    result = prune_blocks(BlockSource(model, config.blocks_path, config.device), calib, opts, progress)
     if grads is not None:
         result.timings["gradients_s"] = grad_s
     return result
