@@ -4,9 +4,9 @@
     python benchmarks/ab.py --a /tmp/old/src --b src --repeat 2 -- prune --model smollm2-135m \\
         --metric wanda --sparsity 0.5 --nsamples 32 --seqlen 512 --eval-data wiki --max-tokens 16384 -q
 
-Each run is a fresh ``python -m prunewise.cli`` with ``PYTHONPATH`` set to the tree; wall time and
-the child's peak RSS (``resource.getrusage(RUSAGE_CHILDREN)`` via ``/usr/bin/time``-free
-``os.wait4``) are printed per run and as medians.
+Each run is a fresh ``python -m prunewise.cli`` with ``PYTHONPATH`` set to the tree; its wall
+time and peak RSS (the resource usage ``os.wait4`` returns for that child) are printed per run
+and as medians.
 """
 
 from __future__ import annotations
