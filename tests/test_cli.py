@@ -38,6 +38,12 @@ def test_prune_save_reload_and_rerun(model_dir, text, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "dense" in printed and "pruned (wanda)" in printed and "sparsity 0.500000" in printed
+    rec = json.loads((out / "pruning.json").read_text())
+    t = rec["timings"]
+    # the summary gives the whole run and its parts, each as recorded
+    assert f"{rec['wall_s']:.1f} s in all (allocation {t['plan_s']:.1f} s, pruning {t['prune_s']:.1f} s, " \
+        f"perplexity {t['eval_s']:.1f} s)" in printed
+    assert t["plan_s"] + t["prune_s"] + t["eval_s"] <= rec["wall_s"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     rec = json.loads((out / "pruning.json").read_text())
     assert rec["config"]["metric"] == "wanda" and rec["config"]["nsamples"] == 4
@@ -69,6 +75,13 @@ def test_prune_save_reload_and_rerun(model_dir, text, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "dense" in table and "pruned (wanda, 0.500)" in table
     assert f"{rec['dense']['ppl']:.3f}" in table and f"{rec['pruned']['ppl']:.3f}" in table
+    # every evaluation is kept in the record, appended
+    assert main(["eval", "--model", str(out), "--data", f"file:{text}", "--max-tokens", "128", "--no-dense", "-q"]) == 0
+    evals = json.loads((out / "pruning.json").read_text())["evaluations"]
+    assert len(evals) == 2 and evals[0]["perplexity"]["dense"] == rec["dense"]
+    assert evals[0]["perplexity"]["pruned"]["ppl"] == pytest.approx(rec["pruned"]["ppl"], rel=1e-9)
+    assert evals[1]["perplexity"]["dense"] is None and evals[1]["perplexity"]["pruned"]["tokens"] == 128
+    assert json.loads((out / "pruning.json").read_text())["pruning"] == rec["pruning"]
 
 
 def test_config_flags_override_record(model_dir, text, tmp_path):
@@ -96,7 +109,8 @@ def test_dry_run_prints_allocation_and_writes_nothing(model_dir, text, tmp_path,
     assert main(args_for(model_dir, text, out, "--dry-run", "--sparsity", "0.7")) == 0
     printed = capsys.readouterr().out
     assert "allocation 'uniform' at target 0.7 (21 layers)" in printed
-    assert printed.count("0.7000") == 3
+    assert printed.count("0.7000") == 4 and "nan" not in printed and "achieved" not in printed  # 3 blocks + mean
+    assert [line.split()[:2] for line in printed.splitlines()][-1] == ["all", "21"]
     assert not out.exists()
 
 

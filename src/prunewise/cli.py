@@ -158,9 +158,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(layer_table(pr["layers"]))
     elif not args.quiet:
         print(block_table(pr["layers"]))
+    t = rec.timings
+    parts = [f"{label} {t[key]:.1f} s" for label, key in (("allocation", "plan_s"), ("pruning", "prune_s"),
+                                                          ("perplexity", "eval_s"), ("zero-shot", "zero_shot_s"))
+             if key in t]
     print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
-          f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}) in {pr['wall_s']:.1f} s, "
-          f"peak RSS {rec.memory['peak_rss_gb']:.2f} GB")
+          f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}); {rec.wall_s:.1f} s in all "
+          f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB")
     if rec.dense:
         print(ppl_table([("dense", rec.dense), (f"pruned ({config.metric})", rec.pruned)]))
     if rec.zero_shot:

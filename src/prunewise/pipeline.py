@@ -354,6 +354,8 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
             out.perplexity.append((str(model), result))
         if tasks:
             out.zero_shot.append((path.name or str(model), acc))
+        if record is not None:
+            _append_evaluation(record, path, None, result, None, acc, tasks, limit)
         return out
     dense_ppl = record.reusable("dense", result) if want_ppl else None
     dense_acc = record.reusable_zero_shot("dense", tasks, limit, include_path) if tasks else None
@@ -367,7 +369,22 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
         out.perplexity += [(f"dense {cfg['model']}", dense_ppl), (f"pruned ({cfg['metric']}, {record.sparsity:.3f})", result)]
     if tasks:
         out.zero_shot += [("dense", dense_acc), ("pruned", acc)]
+    _append_evaluation(record, path, dense_ppl, result, dense_acc, acc, tasks, limit)
     return out
+
+
+def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, ppl: dict | None,
+                       dense_acc: dict | None, acc: dict | None, tasks: str | None, limit: float | None) -> None:
+    """Add one evaluation to the run folder's record (append-only), so reports see it."""
+    import datetime as dt
+
+    entry: dict[str, Any] = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if ppl is not None:
+        entry["perplexity"] = {"dense": dense_ppl, "pruned": ppl}
+    if acc is not None:
+        entry["zero_shot"] = {"tasks": tasks, "limit": limit, "dense": dense_acc, "pruned": acc}
+    record.evaluations.append(entry)
+    record.write(folder / RECORD)
 
 
 def _measure(spec: str, dtype: str, cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],

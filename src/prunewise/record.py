@@ -16,6 +16,7 @@ report and ``prunewise eval``. Sections:
 | ``zero_shot`` | ``{"dense": ..., "pruned": ...}`` lm-eval results |
 | ``timings``, ``wall_s``, ``memory`` | plan / prune / evaluation seconds, the whole run, peak memory |
 | ``output`` | the exporter (``--format``) and folder, when the run was saved |
+| ``evaluations`` | every later ``prunewise eval`` of the run folder, appended: when, perplexity (dense and pruned, with protocol), zero-shot |
 
 ``schema`` is :data:`SCHEMA`. Records without one are schema 1 (prunewise 0.1 before this
 module); their sweep lines held the pruned perplexity under ``ppl`` and the mask digest, target
@@ -52,6 +53,7 @@ class RunRecord:
     wall_s: float | None = None
     memory: dict[str, float] | None = None
     output: dict[str, Any] | None = None  # exporter and folder, when saved
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # later `prunewise eval`s, appended
     schema: int = SCHEMA
 
     # -- views ---------------------------------------------------------------------------------

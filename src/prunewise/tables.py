@@ -146,16 +146,21 @@ def ppl_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def block_table(layers: list[dict]) -> str:
+    """Per-block layers, parameters and parameter-weighted target (and achieved sparsity once pruned),
+    with the whole model's parameter-weighted mean last."""
+    pruned = all("zeros" in x for x in layers)
     blocks: dict[int, list[dict]] = {}
     for layer in layers:
         blocks.setdefault(layer["block"], []).append(layer)
-    lines = [f"{'block':>5} {'layers':>6} {'params':>10} {'target':>8} {'achieved':>9}"]
-    for b, ls in sorted(blocks.items()):
+
+    def line(name, ls: list[dict]) -> str:
         n = sum(x["shape"][0] * x["shape"][1] for x in ls)
         tgt = sum(x["target"] * x["shape"][0] * x["shape"][1] for x in ls) / n
-        ach = sum(x["zeros"] for x in ls) / n if all("zeros" in x for x in ls) else float("nan")
-        lines.append(f"{b:>5} {len(ls):>6} {n:>10} {tgt:>8.4f} {ach:>9.4f}")
-    return "\n".join(lines)
+        ach = f" {sum(x['zeros'] for x in ls) / n:>9.4f}" if pruned else ""
+        return f"{name:>5} {len(ls):>6} {n:>10} {tgt:>8.4f}{ach}"
+
+    head = f"{'block':>5} {'layers':>6} {'params':>10} {'target':>8}" + (f" {'achieved':>9}" if pruned else "")
+    return "\n".join([head, *(line(b, ls) for b, ls in sorted(blocks.items())), line("all", layers)])
 
 
 def layer_table(layers: list[dict]) -> str:
