@@ -202,3 +202,17 @@ def test_hub_id_offline_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prunewise: error: model: cannot load 'some-org/some-model'")
+
+
+def test_unsaved_run_says_so_first_and_uniform_runs_print_no_block_table(model_dir, text, capsys):
+    base = ["prune", "--model", str(model_dir), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
+            "--metric", "wanda", "--sparsity", "0.5"]
+    assert main(base) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "no --out given: the pruned model will not be saved"
+    assert not any(line.split()[:1] == ["block"] for line in lines)  # uniform: nothing per block to show
+    assert main(base + ["--allocator", "atp:beta=0.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert any(line.split()[:1] == ["block"] for line in lines) and len(rows) == 3
+    assert [float(r[3]) for r in rows] == pytest.approx([0.4, 0.5, 0.6], abs=1e-4)

@@ -137,6 +137,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .plots import save_profile_plot
 
     config = _config_from_args(args)
+    if args.out is None and not args.dry_run:
+        print("no --out given: the pruned model will not be saved", flush=True)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
                  progress=not args.quiet, dry_run=args.dry_run, format=args.format)
     rec = output.record
@@ -156,7 +158,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pr = rec.pruning
     if args.verbose:
         print(layer_table(pr["layers"]))
-    elif not args.quiet:
+    elif not args.quiet and len({round(b, 9) for b in rec.blocks}) > 1:  # a uniform table adds nothing
         print(block_table(pr["layers"]))
     t = rec.timings
     parts = [f"{label} {t[key]:.1f} s" for label, key in (("allocation", "plan_s"), ("pruning", "prune_s"),
@@ -228,14 +230,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         return ", ".join(f"{k}={v}" for k, v in h.items()) or "-"
 
     print("metrics (--metric NAME[:key=value,...]):")
+    width = max(len(",".join(e.needs) or "-") for e in METRICS)
     for e in METRICS:
-        print(f"  {e.name:<12} {e.extra.get('kind', 'score'):<7} needs={','.join(e.needs) or '-':<14} hyper: {hyper(e)}")
+        print(f"  {e.name:<12} {e.extra.get('kind', 'score'):<7} needs={','.join(e.needs) or '-':<{width}} hyper: {hyper(e)}")
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
     print("allocators (--allocator NAME[:key=value,...]):")
+    width = max(len(",".join(e.needs) or "-") for e in ALLOCATORS)
     for e in ALLOCATORS:
         nm = "uniform N:M" if e.name == "uniform" else "mixed N:M per block" if e.extra.get("nm") else "unstructured only"
-        print(f"  {e.name:<12} needs={','.join(e.needs) or '-':<23} {nm:<19} hyper: {hyper(e)}")
+        print(f"  {e.name:<12} needs={','.join(e.needs) or '-':<{width}} {nm:<19} hyper: {hyper(e)}")
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
     print("patterns (--pattern):")

@@ -65,7 +65,7 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s (this takes about half a minute for 135M parameters)", path.name)
+    log.info("dequantizing %s", path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
