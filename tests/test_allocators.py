@@ -344,6 +344,8 @@ def test_cli_owl_dry_run_and_record_with_plot(tokenizer, text_file, tmp_path, ca
     assert main(base + ["--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "allocation 'owl:m=2,lam=0.1' at target 0.6 (21 layers)" in printed
+    assert printed.index("- dense calibration pass (input norms): 4 x 32 tokens through 3 blocks: about") < \
+        printed.index("allocation 'owl")
     rows = [line.split() for line in printed.splitlines() if line.split() and line.split()[0].isdigit()]
     assert len(rows) == 3 and len({r[3] for r in rows}) > 1  # three blocks, not all equal
     out = tmp_path / "run"
@@ -354,6 +356,42 @@ def test_cli_owl_dry_run_and_record_with_plot(tokenizer, text_file, tmp_path, ca
     assert len(set(targets.values())) == 3
     png = (out / "allocation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_dry_run_announces_heavy_work_before_it_starts(tokenizer, text_file, tmp_path, monkeypatch):
+    """A dry run says what it is about to compute (and whether it is cached) before any calibration
+    pass; the ATP search's trial count is the one the search then runs."""
+    from prunewise.allocation import providers
+
+    d = tmp_path / "m"
+    tiny_model("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    events: list = []
+    real = providers.dense_input_norms
+    monkeypatch.setattr(providers, "dense_input_norms", lambda *a, **k: events.append("pass") or real(*a, **k))
+
+    def dry(allocator: str, metric: str = "wanda"):
+        events.clear()
+        cfg = pw.PruneConfig(model=str(d), calib=f"file:{text_file}", nsamples=20, seqlen=32, metric=metric,
+                             allocator=allocator, sparsity=0.6, eval_data=None)
+        out = pw.run(cfg, dry_run=True, cache_dir=tmp_path / "cache", progress=False, on_preview=events.append)
+        return events[0], out.record
+
+    works, _ = dry("owl")
+    assert events[1:] == ["pass"]  # the preview came first, then the one dense pass
+    assert [w.what for w in works] == ["dense calibration pass (input norms): 20 x 32 tokens through 3 blocks"]
+    assert works[0].seconds > 0 and "--nsamples 16" in works[0].cheaper
+    works, _ = dry("owl")
+    assert works[0].seconds is None and events[1:] == []  # cached: announced as such, not recomputed
+    assert "cached" in works[0].line()
+
+    works, rec = dry("atp:step=0.05,heldout=2", metric="magnitude")
+    n = len(rec.search["curve"])
+    assert [w.what for w in works] == [f"atp search: {n} trial prunings with magnitude, each scored on 2 held-out windows"]
+    assert n == 1 + len(atp.beta_grid(pw.allocation.planner.build_profile(
+        BlockSource(tiny_model("llama"))), 0.6, 0.05)) and "atp:beta=NUMBER" in works[0].cheaper
+    works, _ = dry("uniform")
+    assert works == []
 
 
 def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):

@@ -140,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         print("no --out given: the pruned model will not be saved", flush=True)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
-                 progress=not args.quiet, dry_run=args.dry_run, format=args.format)
+                 progress=not args.quiet, dry_run=args.dry_run, format=args.format, on_preview=_print_preview)
     rec = output.record
     if args.out is not None and not args.dry_run:
         save_profile_plot(rec, args.out)
@@ -173,6 +173,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(zero_shot_columns([("dense", rec.zero_shot["dense"]), ("pruned", rec.zero_shot["pruned"])]))
     print(f"saved to {args.out}" if args.out is not None else "not saved (no --out given)")
     return 0
+
+
+def _print_preview(works) -> None:
+    """What a dry run is about to compute, before it computes it."""
+    if not works:
+        print("dry run: the allocation needs no calibration pass (seconds)", flush=True)
+        return
+    print("dry run: the allocation first computes", flush=True)
+    for work in works:
+        print(work.line(), flush=True)
+    if any(w.seconds for w in works):
+        print("(rough estimates from one sample timed through block 0; computed statistics are cached, "
+              "so the real run and later dry runs reuse them; Ctrl-C to stop)", flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from torch import nn
 
 from .allocation import Profile, block_profile, planner
 from .allocation.planner import Plan, build_profile
+from .allocation.preview import Work
+from .allocation.preview import preview as plan_preview
 from .allocation.providers import StatContext, provide, reads_calibration
 from .blocks import BlockSource
 from .config import PruneConfig, resolve_cache_dir
@@ -77,6 +80,15 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
         backup = dense_weights if dense_weights is not None else backup_weights(model, ctx.profile)
         trials = _trials(model, tokenizer, config, calib, cache_dir, backup)
     return planner.make_plan(ctx, name, params, config.target, trials)
+
+
+def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *,
+            calib: torch.Tensor | None = None) -> list[Work]:
+    """The heavy steps :func:`plan` would take for ``config`` (calibration passes, SVDs, trial
+    prunings), each with a rough duration or marked cached; computes nothing but two timings."""
+    ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, False)
+    name, params = config.allocator_spec
+    return plan_preview(ctx, name, params, config.target, config.mode)
 
 
 def _trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tensor | None, cache_dir: Path,
@@ -285,9 +297,11 @@ def run(
     progress: bool = True,
     dry_run: bool = False,
     format: str = "safetensors",
+    on_preview: Callable[[list[Work]], None] | None = None,
 ) -> RunOutput:
     """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save
-    to ``out`` with the exporter ``format``."""
+    to ``out`` with the exporter ``format``. A dry run stops after planning; ``on_preview`` is
+    given its :func:`preview` before the planning starts."""
     config.validate()
     if out is not None and not dry_run:
         EXPORTERS.get(format)
@@ -300,6 +314,8 @@ def run(
     calib = None
     if needs_calibration(config):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+    if dry_run and on_preview is not None:
+        on_preview(preview(model, config, cache_dir, calib=calib))
     record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
                                         progress=progress, dry_run=dry_run)
     record.source = {"kind": source.kind, "path": source.path}

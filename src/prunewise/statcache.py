@@ -43,10 +43,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def entry(cache_dir: Path | None, kind: str, key: str) -> Path:
+    """Where :func:`cached` keeps ``kind``/``key``."""
+    return resolve_cache_dir(cache_dir) / kind / f"{key}.pt"
+
+
 def cached(cache_dir: Path | None, kind: str, key: str, compute: Callable[[], Any]) -> Any:
     """``compute()``, stored as ``<cache_dir>/<kind>/<key>.pt``; loaded from there when present.
     ``cache_dir=None`` is the default cache (:func:`prunewise.config.resolve_cache_dir`), as everywhere."""
-    path = resolve_cache_dir(cache_dir) / kind / f"{key}.pt"
+    path = entry(cache_dir, kind, key)
     if path.is_file():
         return torch.load(path)
     value = compute()

@@ -120,6 +120,17 @@ def _driver_for(params: dict):
     return search if params["beta"] == "auto" else None
 
 
+def _search_cost(ctx, rates, sparsity: float, params: dict, mode: str):
+    """What :func:`search` will do, for a dry run's preview (:mod:`prunewise.allocation.preview`)."""
+    from .preview import Work, prune_cost
+
+    n = 1 + len(beta_grid(ctx.profile, sparsity, params["step"]))
+    each = prune_cost(ctx, rates, mode) + rates.passes(params["heldout"])
+    top, _ = beta_range(ctx.profile, sparsity)
+    return Work(f"atp search: {n} trial prunings with {ctx.metric.name}, each scored on {params['heldout']} "
+                "held-out windows", n * each, f"atp:beta=NUMBER skips the search (valid here: 0 to {top:.4f})")
+
+
 @ALLOCATORS.register(
     "atp", rank=3,
     summary="sparsity rising with depth as an arithmetic progression (beta searched on held-out calibration text)",
@@ -127,6 +138,7 @@ def _driver_for(params: dict):
     needs=(),
     nm=True,
     driver_for=_driver_for,
+    driver_cost=_search_cost,
 )
 def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
              heldout: int = 16) -> dict[str, float]:

@@ -207,6 +207,16 @@ def _driver_for(params: dict):
     return dynamic if params["stats"] == "dynamic" else None
 
 
+def _dynamic_cost(ctx, rates, sparsity: float, params: dict, mode: str):
+    """What :func:`dynamic` will do, for a dry run's preview (:mod:`prunewise.allocation.preview`)."""
+    from .preview import Work, prune_cost
+
+    n = params["rounds"] - 1
+    remeasure = rates.passes(ctx.calib.shape[0]) if "dense_input_norm" in _needs(params, ctx.metric.name) else 0.0
+    return Work(f"mrp rounds: {n} trial prunings with {ctx.metric.name}, statistics re-measured after each",
+                n * (prune_cost(ctx, rates, mode) + remeasure), "mrp:stats=static measures once, on the dense model")
+
+
 @ALLOCATORS.register(
     "mrp", rank=4,
     summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
@@ -214,6 +224,7 @@ def _driver_for(params: dict):
     needs=("weights", "dense_input_norm"),
     needs_for=_needs,
     driver_for=_driver_for,
+    driver_cost=_dynamic_cost,
 )
 def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float = 0.01, start: float | str = "auto",
              threshold: str = "dense", score: str = "auto", granularity: str = "block",

@@ -11,8 +11,9 @@ A provider is registered by need name in :data:`STATISTICS` and is
 | ``dense_input_norm`` | Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP) | ``dense_input_norm/<sha256 of all parameters, calibration ids, blocks path>`` |
 | ``grad`` | GBLM's accumulated gradient norm per weight, with the metric's options | ``gradients/<sha256 ...>`` (see :mod:`prunewise.gradients`) |
 
-A new statistic is one function here (``calibration=True`` when it reads calibration data);
-allocators and metrics name it in ``needs``.
+A new statistic is one function here (``calibration=True`` when it reads calibration data;
+``cost=fn(ctx, rates) -> Work | None``, what a dry run announces before computing it, see
+:mod:`prunewise.allocation.preview`); allocators and metrics name it in ``needs``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..engine import StatsCollector
 from ..errors import PrunewiseError
 from ..models import weight_matrix
 from ..registry import Entry, Registry
-from ..statcache import cached, fingerprint, model_fingerprint
+from ..statcache import cached, entry, fingerprint, model_fingerprint
 from ..stats import make_stats
 from . import Profile
 from .esd import eigenvalues as _eigenvalues
@@ -76,7 +77,18 @@ def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
     return out
 
 
-@STATISTICS.register("eigenvalues", summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight")
+def _spectra_cost(ctx: StatContext, rates):
+    from .preview import Work
+
+    todo = [weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers]
+    todo = [w for w in todo if not entry(ctx.cache_dir, "spectra", fingerprint(w)).is_file()]
+    flops = sum(w.shape[0] * w.shape[1] * min(w.shape) for w in todo)
+    return Work(f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 SVD, {len(todo)} not cached)",
+                flops * rates.svd_flop_s if todo else None)
+
+
+@STATISTICS.register("eigenvalues", summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight",
+                     cost=_spectra_cost)
 def eigenvalues(ctx: StatContext) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
@@ -92,17 +104,40 @@ def weights(ctx: StatContext) -> dict[str, torch.Tensor]:
     return {x.name: weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers}
 
 
+def _dense_key(ctx: StatContext) -> str:
+    return fingerprint(ctx.need_calib("dense_input_norm"), extra=f"{model_fingerprint(ctx.model)}:{ctx.source.path}")
+
+
+def _dense_cost(ctx: StatContext, rates):
+    from .preview import Work, calibration_pass
+
+    what = "dense calibration pass (input norms)"
+    if entry(ctx.cache_dir, "dense_input_norm", _dense_key(ctx)).is_file():
+        return Work(what, None)
+    return calibration_pass(ctx, rates, what)
+
+
 @STATISTICS.register("dense_input_norm", summary="Wanda's a_j per layer from a dense calibration pass, cached by content",
-                     calibration=True)
+                     calibration=True, cost=_dense_cost)
 def dense_norms(ctx: StatContext) -> dict[str, torch.Tensor]:
-    calib = ctx.need_calib("dense_input_norm")
-    key = fingerprint(calib, extra=f"{model_fingerprint(ctx.model)}:{ctx.source.path}")
-    return cached(ctx.cache_dir, "dense_input_norm", key,
-                  lambda: dense_input_norms(ctx.source, calib, batch_size=ctx.batch_size, progress=ctx.progress))
+    return cached(ctx.cache_dir, "dense_input_norm", _dense_key(ctx),
+                  lambda: dense_input_norms(ctx.source, ctx.calib, batch_size=ctx.batch_size, progress=ctx.progress))
+
+
+def _grad_cost(ctx: StatContext, rates):
+    from ..gradients import gradient_key
+    from .preview import Work, calibration_pass
+
+    options = ctx.metric.extra["grad_options"](ctx.metric_params)
+    what = "gradient pass (forward and backward)"
+    key = gradient_key(ctx.model, ctx.need_calib("grad"), ctx.source.path, options["norm"], options["scale"])
+    if entry(ctx.cache_dir, "gradients", key).is_file():
+        return Work(what, None)
+    return calibration_pass(ctx, rates, what, factor=3.0)
 
 
 @STATISTICS.register("grad", summary="GBLM's accumulated per-sample gradient norm per weight, cached by content",
-                     calibration=True)
+                     calibration=True, cost=_grad_cost)
 def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     from ..gradients import layer_gradients
 
