@@ -10,7 +10,7 @@ from prunewise.config import PruneConfig
 from prunewise.errors import ConfigError, PrunewiseError
 from prunewise.pipeline import run
 from prunewise.record import RunRecord
-from prunewise.report import comparisons, load_rows, results_table, write_report
+from prunewise.report import comparisons, load_groups, results_table, write_report
 from prunewise.sweep import RESULTS, Sweep, read_results, run_key, run_sweep
 
 
@@ -149,7 +149,9 @@ def test_report_tables_comparisons_plots(tmp_path):
         _line("gblm", "uniform", 0.7, None, status="failed"),
     ]
     (tmp_path / RESULTS).write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    rows, dense, _ = load_rows(tmp_path)
+    (group,) = load_groups(tmp_path)
+    rows = group.rows
+    assert group.dense["ppl"]["ppl"] == 10.0 and group.repeated == 0
     table = results_table(rows, 10.0)
     assert "| metric | allocator | 50% | 70% | 2:4 |" in table
     assert "| wanda | owl | 31.000 | **500.00** | **80.000** |" in table
@@ -181,6 +183,28 @@ def test_report_from_a_folder_of_runs(setup, tmp_path, capsys):
     assert "wanda beats magnitude" in md
 
 
+def test_report_groups_runs_by_protocol(setup, tmp_path, capsys):
+    """Runs with different calibration sets are not one table: a section each, its own header and
+    counts; a repeated cell is said to be repeated."""
+    _, base = setup
+    runs = tmp_path / "runs"
+    run(base.replace(metric="wanda", sparsity=0.6), out=runs / "a", progress=False)
+    run(base.replace(metric="wanda", sparsity=0.6, nsamples=2), out=runs / "b", progress=False)
+    run(base.replace(metric="wanda", sparsity=0.6, nsamples=2), out=runs / "c", progress=False)
+    groups = load_groups(runs)
+    assert [g.settings["nsamples"] for g in groups] == [base.nsamples, 2]
+    assert [len(g.rows) for g in groups] == [1, 2] and [g.repeated for g in groups] == [0, 1]
+    md = write_report(runs).read_text()
+    assert "3 runs under 2 protocols" in md and md.count("## Protocol ") == 2
+    one, two = md.split("## Protocol 2")
+    assert f"calibration {base.nsamples} x {base.seqlen} tokens" in one and "1 run finished, 0 failed." in one
+    assert "calibration 2 x" in two and "2 runs finished, 0 failed; 1 run repeat" in two
+    assert one.count("| wanda | uniform |") == 1 and two.count("| wanda | uniform |") == 1
+    assert "dense **" in one and "dense **" in two
+    single = write_report(runs / "a").read_text()
+    assert "## Protocol" not in single and "1 run finished, 0 failed." in single
+
+
 def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp_path):
     """ATP's beta search and MRP's dynamic rounds prune trial models inside a sweep and restore
     the dense weights from the sweep's own copy: the rows equal the same runs done alone."""
@@ -195,3 +219,13 @@ def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp
         assert row["pruning"]["mask_sha256"] == alone.mask_sha256
         assert row["pruned"]["ppl"] == alone.pruned["ppl"]
     assert len(rows[run_key(sweep.expand()[0][0])]["allocation"]["search"]["curve"]) > 2
+
+
+def test_identical_plot_series_are_drawn_once_with_every_name():
+    from prunewise.plots import merge_identical
+
+    series = [("wanda", [0, 1], [0.5, 0.7]), ("magnitude", [0, 1], [0.6, 0.6]),
+              ("sparsegpt", [0, 1], [0.5, 0.7 * (1 + 1e-9)]), ("gblm", [0, 1], [0.5, 0.7]), ("x", [0], [0.5])]
+    assert merge_identical(series) == [("wanda = sparsegpt = gblm", [0, 1], [0.5, 0.7]),
+                                       ("magnitude", [0, 1], [0.6, 0.6]), ("x", [0], [0.5])]
+    assert len(merge_identical(series, rel=0.0)) == 4  # sparsegpt differs by 1e-9 when nothing is tolerated

@@ -56,6 +56,25 @@ def save_profile_plot(record: RunRecord, folder: Path) -> Path | None:
                               f"{cfg['allocator']} / {cfg['metric']} / {cfg['pattern']}", record.search)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def merge_identical(series: list[tuple[str, list[float], list[float]]],
+                    rel: float = 1e-6) -> list[tuple[str, list[float], list[float]]]:
+    """``(label, xs, ys)`` series with the same points (within ``rel``) drawn once, labelled with
+    every name joined by `` = `` (first-seen order), so that no line hides another unnamed."""
+    merged: list[tuple[str, list[float], list[float]]] = []
+    for label, xs, ys in series:
+        for k, (other, oxs, oys) in enumerate(merged):
+            if oxs == xs and len(oys) == len(ys) and all(abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+                                                         for a, b in zip(ys, oys)):
+                merged[k] = (f"{other} = {label}", oxs, oys)
+                break
+        else:
+            merged.append((label, xs, ys))
+    return merged
+
+
 def plot_ppl_vs_sparsity(rows: list[ResultRow], metric: str, dense_ppl: float | None, path: Path) -> Path | None:
     """Perplexity (log scale) against unstructured sparsity, one line per allocator."""
     ok = [r for r in rows if r.status == "ok" and r.ppl is not None and r.metric == metric and not r.nm]
@@ -63,10 +82,13 @@ def plot_ppl_vs_sparsity(rows: list[ResultRow], metric: str, dense_ppl: float | 
         return None
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
+    series = []
     for a in ordered([r.allocator for r in ok], ALLOCATORS):
         pts = sorted((r.target, r.ppl) for r in ok if r.allocator == a)
-        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=a,
-                linestyle="--" if base(a) == "uniform" else "-")
+        series.append((a, [100 * x for x, _ in pts], [y for _, y in pts]))
+    for k, (label, xs, ys) in enumerate(merge_identical(series)):  # distinct markers: close lines stay apart
+        ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=label, markersize=6 - (k % 3),
+                linestyle="--" if base(label) == "uniform" else "-")
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="grey", linewidth=0.8, linestyle=":", label=f"dense {dense_ppl:.2f}")
     ax.set_yscale("log")
@@ -94,10 +116,11 @@ def plot_allocator_profiles(rows: list[ResultRow], allocator: str, path: Path) -
     axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True)
     for i, c in enumerate(cols):
         ax = axes[i // ncol][i % ncol]
-        for k, r in enumerate(sorted((r for r in ok if (r.pattern, r.target) == c), key=lambda r: r.metric)):
-            # later lines thinner and dashed, so allocations that coincide (OWL's does not depend
-            # on the metric) stay visible
-            ax.plot(range(len(r.blocks)), r.blocks, label=r.metric, linewidth=max(3.0 - 0.7 * k, 0.8),
+        runs = sorted((r for r in ok if (r.pattern, r.target) == c), key=lambda r: r.metric)
+        # allocations that coincide (OWL's does not depend on the metric) are one line named for all
+        series = merge_identical([(r.metric, list(range(len(r.blocks))), r.blocks) for r in runs])
+        for k, (label, xs, ys) in enumerate(series):
+            ax.plot(xs, ys, label=label, marker=MARKERS[k % len(MARKERS)], markersize=3,
                     linestyle=("-", "--", "-.", ":")[k % 4])
         ax.axhline(c[1], color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{col_name(c)}", fontsize=9)
@@ -105,8 +128,7 @@ def plot_allocator_profiles(rows: list[ResultRow], allocator: str, path: Path) -
         ax.set_ylim(0, 1)
         if i % ncol == 0:
             ax.set_ylabel("sparsity")
-        if i == 0:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     for j in range(n, nrow * ncol):
         axes[j // ncol][j % ncol].axis("off")
     fig.suptitle(f"{allocator}: per-block sparsity", fontsize=10)
