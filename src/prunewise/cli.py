@@ -132,6 +132,11 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig.from_dict(base).validate()
 
 
+# The parts of a run's wall time, in the order they happen.
+TIMED = (("loading and calibration data", "load_s"), ("allocation", "plan_s"), ("dense evaluation", "dense_eval_s"),
+         ("pruning", "prune_s"), ("perplexity", "eval_s"), ("zero-shot", "zero_shot_s"))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
     from .plots import save_profile_plot
@@ -161,9 +166,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif not args.quiet and len({round(b, 9) for b in rec.blocks}) > 1:  # a uniform table adds nothing
         print(block_table(pr["layers"]))
     t = rec.timings
-    parts = [f"{label} {t[key]:.1f} s" for label, key in (("allocation", "plan_s"), ("pruning", "prune_s"),
-                                                          ("perplexity", "eval_s"), ("zero-shot", "zero_shot_s"))
-             if key in t]
+    parts = [f"{label} {t[key]:.1f} s" for label, key in TIMED if key in t]
     print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
           f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}); {rec.wall_s:.1f} s in all "
           f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB")

@@ -208,11 +208,14 @@ def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: 
                    record: RunRecord | None = None) -> RunRecord:
     """Fill ``record.dense`` (perplexity) and ``record.zero_shot["dense"]`` as configured."""
     record = record if record is not None else RunRecord(config.to_dict())
+    t0 = time.perf_counter()
     if config.eval_data:
         record.dense = evaluate(model, tokenizer, config.eval_data, **_eval_kwargs(config, cache_dir, progress))
         log.info("dense perplexity %.3f", record.dense["ppl"])
     if config.tasks:
         record.zero_shot["dense"] = _zero_shot_on(model, tokenizer, config, progress)
+    if config.eval_data or config.tasks:
+        record.timings["dense_eval_s"] = time.perf_counter() - t0
     return record
 
 
@@ -314,12 +317,14 @@ def run(
     calib = None
     if needs_calibration(config):
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
+    t_loaded = time.perf_counter()
     if dry_run and on_preview is not None:
         on_preview(preview(model, config, cache_dir, calib=calib))
     record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
                                         progress=progress, dry_run=dry_run)
     record.source = {"kind": source.kind, "path": source.path}
     record.versions = versions()
+    record.timings["load_s"] = t_loaded - t_start
     if dry_run:
         return RunOutput(record, model, tokenizer, None)
     record.wall_s = time.perf_counter() - t_start

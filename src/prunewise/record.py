@@ -14,7 +14,7 @@ report and ``prunewise eval``. Sections:
 | ``pruning`` | calibration tokens, target, achieved sparsity, mask SHA-256, timings, per-layer counts |
 | ``dense``, ``pruned`` | perplexity with its protocol (data, split, seqlen, windows, tokens) |
 | ``zero_shot`` | ``{"dense": ..., "pruned": ...}`` lm-eval results |
-| ``timings``, ``wall_s``, ``memory`` | plan / prune / evaluation seconds, the whole run, peak memory |
+| ``timings``, ``wall_s``, ``memory`` | seconds of each part (load, plan, dense evaluation, prune, evaluation, zero-shot), the whole run, peak memory |
 | ``output`` | the exporter (``--format``) and folder, when the run was saved |
 | ``evaluations`` | every later ``prunewise eval`` of the run folder, appended: when, perplexity (dense and pruned, with protocol), zero-shot |
 
