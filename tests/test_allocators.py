@@ -260,15 +260,15 @@ def test_owl_plan_caches_statistics_by_content(calib, tmp_path):
     model = tiny_model("llama")
     cfg = pw.PruneConfig(model="x", metric="wanda", allocator="owl:m=2", sparsity=0.6, nsamples=4, seqlen=16)
     first = _plan(model, cfg, tmp_path, calib=calib, progress=False)
-    files = list((tmp_path / "dense_input_norm").glob("*.pt"))
+    files = list((tmp_path / "dense_input_norm").glob("*.safetensors"))
     assert len(files) == 1
     again = _plan(model, cfg, tmp_path, calib=calib, progress=False)
     assert again.allocation == first.allocation
-    assert len(list((tmp_path / "dense_input_norm").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "dense_input_norm").glob("*.safetensors"))) == 1
     with torch.no_grad():  # other weights: a new key
         model.model.layers[0].mlp.down_proj.weight.mul_(2)
     _plan(model, cfg, tmp_path, calib=calib, progress=False)
-    assert len(list((tmp_path / "dense_input_norm").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "dense_input_norm").glob("*.safetensors"))) == 2
     with pytest.raises(ValueError, match="needs calibration data"):
         _plan(model, cfg, tmp_path, progress=False)
 

@@ -95,12 +95,12 @@ def test_insufficient_memory_says_what_it_needs(calib):
 def test_gradients_cached_by_content(calib, tmp_path):
     model = tiny_model("llama")
     first = layer_gradients(model, calib[:3], norm="l2", scale=100.0, cache_dir=tmp_path, progress=False)
-    files = list((tmp_path / "gradients").glob("*.pt"))
+    files = list((tmp_path / "gradients").glob("*.safetensors"))
     again = layer_gradients(model, calib[:3], norm="l2", scale=100.0, cache_dir=tmp_path, progress=False)
     assert len(files) == 1 and all(torch.equal(first[k], again[k]) for k in first)
     layer_gradients(model, calib[:3], norm="l1", scale=100.0, cache_dir=tmp_path, progress=False)
     layer_gradients(model, calib[1:4], norm="l2", scale=100.0, cache_dir=tmp_path, progress=False)
-    assert len(list((tmp_path / "gradients").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "gradients").glob("*.safetensors"))) == 3
 
 
 def test_gblm_composes_with_allocator_and_scale_matters(calib, tmp_path):

@@ -118,7 +118,7 @@ def test_alphapruning_exponents_match_reference_code(tmp_path):
     assert alphas.min().item() == pytest.approx(1.41, abs=0.01)
     assert alphas.max().item() == pytest.approx(18.3, abs=0.05)
     assert alphas.mean().item() == pytest.approx(4.01, abs=0.01)
-    assert len(list((tmp_path / "spectra").glob("*.pt"))) == 210
+    assert len(list((tmp_path / "spectra").glob("*.safetensors"))) == 210
     # cached by weight fingerprint: a second call reads the same spectra back
     again = provide(("eigenvalues",), ctx)["eigenvalues"]
     assert all(torch.equal(eig[k], again[k]) for k in eig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"converted models, token ids (default: $PRUNEWISE_CACHE or {default_cache_dir()})")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   help="run Python code shipped with the model (auto_map); off by default, never prompted")
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
@@ -119,17 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+def _config_from_args(args: argparse.Namespace) -> tuple[PruneConfig, dict | None]:
+    """The run's config, and the ``source`` section of the record it reruns (``--config``) when the
+    model is to be checked against it (no ``--model`` or ``--dtype`` given)."""
     base: dict = {}
+    expect = None
     if args.config is not None:
-        base = dict(RunRecord.read(args.config).config)
+        rec = RunRecord.read(args.config, strict=True)
+        base = dict(rec.config)
+        if args.model is None and args.dtype is None:
+            expect = rec.source
+            if rec.source.get("kind") in ("folder", "gguf"):  # where it was, not the path as typed then
+                base["model"] = rec.source["path"]
     for name in CONFIG_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
             base[name] = value
     if getattr(args, "no_eval", False):
         base["eval_data"] = None
-    return PruneConfig.from_dict(base).validate()
+    return PruneConfig.from_dict(base).validate(), expect
 
 
 # The parts of a run's wall time, in the order they happen.
@@ -141,11 +152,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import run
     from .plots import save_profile_plot
 
-    config = _config_from_args(args)
+    config, expect = _config_from_args(args)
     if args.out is None and not args.dry_run:
         print("no --out given: the pruned model will not be saved", flush=True)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
-                 progress=not args.quiet, dry_run=args.dry_run, format=args.format, on_preview=_print_preview)
+                 progress=not args.quiet, dry_run=args.dry_run, format=args.format, on_preview=_print_preview,
+                 trust_remote_code=args.trust_remote_code, expect=expect)
     rec = output.record
     if args.out is not None and not args.dry_run:
         save_profile_plot(rec, args.out)
@@ -197,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = evaluate_run(args.model, data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens,
                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, tasks=args.tasks,
                        include_path=args.include_path, limit=args.limit, dense=not args.no_dense,
-                       cache_dir=args.cache_dir, progress=not args.quiet)
+                       cache_dir=args.cache_dir, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     if out.perplexity:
         print(ppl_table(out.perplexity))
     if out.zero_shot:
@@ -225,7 +237,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs, {sum(run_key(c) in status for c in runs)} already in {args.out}")
         return 0
     summary = run_sweep(sweep, args.out, cache_dir=args.cache_dir, progress=not args.quiet, save=args.save,
-                        retry_failed=args.retry_failed)
+                        retry_failed=args.retry_failed, trust_remote_code=args.trust_remote_code)
     print(f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
           f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}")
     print(f"report: prunewise report {summary.out}")
@@ -293,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list}
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a job scheduler's stop: clean up as for Ctrl-C
     try:
         return commands[args.command](args)
     except (PrunewiseError, ValueError) as exc:
@@ -303,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunewise: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

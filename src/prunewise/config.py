@@ -33,7 +33,10 @@ def default_cache_dir() -> Path:
 
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
     """The cache folder to use: ``cache_dir`` if given, else :func:`default_cache_dir`."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cache_dir: {path} is a file, not a folder")
+    return path
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,13 @@ class PruneConfig:
             if not cond:
                 raise ConfigError(f"{field}: {msg}")
 
-        need(isinstance(self.model, str) and self.model.strip() != "", "model", "must be a path, hub id or 'smollm2-135m'")
+        for field in ("model", "metric", "allocator", "pattern", "calib", "mode", "propagate", "device", "dtype"):
+            value = getattr(self, field)
+            need(isinstance(value, str), field, f"must be a string, got {value!r}")
+        for field in ("blocks_path", "eval_data", "include_path", "tasks"):
+            value = getattr(self, field)
+            need(value is None or isinstance(value, str), field, f"must be a string or null, got {value!r}")
+        need(self.model.strip() != "", "model", "must be a path, hub id or 'smollm2-135m'")
         metric_name, _ = self.metric_spec
         alloc_name, _ = self.allocator_spec
         pat = self.pattern_obj
@@ -130,7 +139,7 @@ class PruneConfig:
             value = getattr(self, field)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
         need(self.seqlen >= 2, "seqlen", f"must be at least 2, got {self.seqlen}")
-        need(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", f"must be an integer, got {self.seed!r}")
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.propagate in PROPAGATE, "propagate", f"must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

@@ -88,6 +88,10 @@ def _read_files(path: Path) -> str:
     text = "\n\n".join(p.strip("\n") for p in parts)
     if not text.strip():
         raise PrunewiseError(f"data: {path} is empty")
+    printable = sum(c.isprintable() or c.isspace() for c in text)
+    if printable < 0.9 * len(text) or not any(c.isalnum() for c in text):
+        raise PrunewiseError(f"data: {path} does not look like text ({len(text) - printable} of {len(text)} "
+                             "characters are control characters, e.g. NUL bytes)")
     return text
 
 
@@ -150,6 +154,11 @@ def _window_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``[nsamples, seqlen]`` windows at seeded random offsets of one token stream."""
+    apart = (ids.numel() - 1) // seqlen
+    if nsamples > apart:
+        log.warning("data: %d windows of %d tokens from a text of %d tokens: only %d fit without overlapping, so "
+                    "windows repeat parts of the text; a longer text gives a more varied calibration set",
+                    nsamples, seqlen, ids.numel(), apart)
     return torch.stack([ids[s : s + seqlen] for s in _window_starts(ids, nsamples, seqlen, seed)])
 
 

@@ -14,6 +14,7 @@ import platform
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +42,23 @@ def versions() -> dict[str, str]:
     }
 
 
+def source_info(model: nn.Module, source) -> dict[str, str]:
+    """Where the model came from (kind, resolved path) and what it is: a SHA-256 of every parameter
+    and buffer as loaded, so a record or a sweep names a model, not only a path."""
+    from .statcache import model_fingerprint
+
+    return {"kind": source.kind, "path": source.path, "fingerprint": model_fingerprint(model)}
+
+
+def check_same_model(expected: dict[str, Any] | None, now: dict[str, str], what: str) -> None:
+    """Refuse to go on when ``now`` (from :func:`source_info`) is not the model ``expected`` names."""
+    want = (expected or {}).get("fingerprint")
+    if want and want != now["fingerprint"]:
+        raise PrunewiseError(
+            f"model: {now['path']} is not the model {what} was made from (weights sha256 {now['fingerprint'][:12]}… "
+            f"now, {want[:12]}… then, from {expected.get('path')})")
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident set size of this process (and peak CUDA allocation when used), in GB."""
     out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
@@ -59,11 +77,45 @@ def mask_digest(model: nn.Module, blocks_path: str | None = None) -> str:
     return h.hexdigest()
 
 
-def check_output_dir(out: Path, overwrite: bool = False) -> None:
+def check_output_dir(out: Path, overwrite: bool = False, protect: tuple[Path | str | None, ...] = ()) -> None:
+    """Refuse, before any work, an ``out`` the run could not write or must not replace: an existing
+    file or non-empty folder without ``overwrite``; with it, a file, the current folder or one of
+    its ancestors, or a folder holding any ``protect`` path (the source model, the cache); a
+    location under a file or where nothing can be created."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    where = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise PrunewiseError(f"out: {out} is a file; a run is saved as a folder: choose another path")
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise PrunewiseError(f"out: {out} already exists; choose another folder or pass --overwrite")
+        cwd = Path.cwd().resolve()
+        if where == cwd or where in cwd.parents:
+            raise PrunewiseError(f"out: {out} is the current folder or holds it; --overwrite would replace it: "
+                                 "choose a folder of its own")
+        for kept in protect:
+            if kept is None:
+                continue
+            kept = Path(kept).resolve()
+            if where == kept or where in kept.parents:
+                raise PrunewiseError(f"out: {out} holds {kept}, which this run reads; --overwrite would replace "
+                                     "it: choose another folder")
+    _check_creatable(out)
+
+
+def _check_creatable(out: Path) -> None:
+    """That a folder can be made where ``out`` goes: its nearest existing ancestor is a writable folder."""
+    import tempfile
+
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PrunewiseError(f"out: cannot create {out}: {parent} is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".prunewise-check-").cleanup()
+    except OSError as exc:
+        raise PrunewiseError(f"out: cannot create {out} in {parent}: {exc.strerror or exc}") from None
 
 
 def save_run(model: nn.Module, tokenizer, out: Path, record: RunRecord, overwrite: bool = False,
@@ -72,7 +124,7 @@ def save_run(model: nn.Module, tokenizer, out: Path, record: RunRecord, overwrit
     nothing: written beside ``out`` and renamed into place (an old ``out`` is removed only after)."""
     out = Path(out)
     exporter = EXPORTERS.get(format)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, ((record.source or {}).get("path"),))
     record.output = {"format": exporter.name, "path": str(out.resolve())}
     with atomic_folder(out, replace=overwrite) as tmp:
         exporter.fn(model, tokenizer, tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except ImportError as exc:
         raise PrunewiseError(f"loading a .gguf file needs the 'gguf' package: {exc}") from None
+    except Exception as exc:  # cut short, not GGUF, an unsupported architecture
+        raise PrunewiseError(f"model: cannot read {path}: {_why(exc)}") from None
     _strip_gguf_quantizer(model)
     return model, tokenizer
 
@@ -85,15 +88,24 @@ def bundled_model_dir(name: str, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted it at the same time; its folder is complete: use it
     log.info("cached %s at %s", name, target)
     return target
 
 
-def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None):
-    """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``."""
+def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``.
+
+    Python code shipped with a model (``auto_map`` in its config) never runs, and transformers
+    never prompts, unless ``trust_remote_code`` is true (``--trust-remote-code``)."""
+    trust = bool(trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import default_cache_dir
@@ -105,7 +117,13 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None):
     if key.lower() in BUNDLED:
         folder = bundled_model_dir(key.lower(), cache_dir)
         source = ModelSource(key.lower(), "bundled", str(folder))
-        model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
+        try:
+            model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
+        except PrunewiseError as exc:  # a damaged conversion in the cache: say so, convert again
+            log.warning("%s; converting %s again", exc, key.lower())
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = bundled_model_dir(key.lower(), cache_dir)
+            model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
     elif key.endswith(".gguf"):
         if not path.is_file():
             raise PrunewiseError(f"model: no such .gguf file: {path}")
@@ -114,14 +132,14 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None):
     elif path.exists():
         if not (path / "config.json").is_file():
             raise PrunewiseError(f"model: {path} is not a Hugging Face model folder (no config.json)")
-        model, tokenizer = _from_folder(path, torch_dtype)
+        model, tokenizer = _from_folder(path, torch_dtype, trust)
         source = ModelSource(key, "folder", str(path.resolve()))
     elif key.startswith((".", "/", "~")) or key.count("/") > 1:
         raise PrunewiseError(f"model: no such folder or file: {path}")
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(key, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(key)
+            model = AutoModelForCausalLM.from_pretrained(key, dtype=torch_dtype, trust_remote_code=trust)
+            tokenizer = AutoTokenizer.from_pretrained(key, trust_remote_code=trust)
         except Exception as exc:  # network, auth, missing repo: one clear line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PrunewiseError(
@@ -134,18 +152,26 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None):
     return model, tokenizer, source
 
 
-def _from_folder(folder: Path, torch_dtype):
+def _from_folder(folder: Path, torch_dtype, trust: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise PrunewiseError(f"model: cannot load {folder}: {str(exc).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=trust)
+    except Exception as exc:  # a corrupt, truncated or foreign checkpoint: one line naming the folder
+        raise PrunewiseError(f"model: cannot load {folder}: {_why(exc)}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as exc:
+        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {_why(exc)}") from None
     return model, tokenizer
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "trust_remote_code" in text:
+        return ("it ships its own Python code (auto_map), which prunewise does not run unless you pass "
+                "--trust-remote-code")
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def max_context(model: nn.Module) -> int | None:

@@ -24,7 +24,15 @@ from .engine import PruneOptions, PruneResult, prune_blocks
 from .errors import ConfigError, PrunewiseError
 from .evaluate import check_tasks, evaluate, needs_bos, perplexity, zero_shot
 from .export import EXPORTERS
-from .io import check_output_dir, mask_digest, peak_memory, save_run, versions
+from .io import (
+    check_output_dir,
+    check_same_model,
+    mask_digest,
+    peak_memory,
+    save_run,
+    source_info,
+    versions,
+)
 from .models import load_model, max_context, weight_matrix
 from .record import RECORD, RunRecord
 from .registry import METRICS
@@ -301,17 +309,23 @@ def run(
     dry_run: bool = False,
     format: str = "safetensors",
     on_preview: Callable[[list[Work]], None] | None = None,
+    trust_remote_code: bool = False,
+    expect: dict[str, Any] | None = None,
 ) -> RunOutput:
     """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save
     to ``out`` with the exporter ``format``. A dry run stops after planning; ``on_preview`` is
-    given its :func:`preview` before the planning starts."""
+    given its :func:`preview` before the planning starts. ``expect`` is the ``source`` section of a
+    record being rerun: a model whose weights differ from it is refused before any work."""
     config.validate()
+    cache_dir = resolve_cache_dir(cache_dir)
     if out is not None and not dry_run:
         EXPORTERS.get(format)
-        check_output_dir(Path(out), overwrite)
-    cache_dir = resolve_cache_dir(cache_dir)
+        local = Path(config.model).expanduser()
+        check_output_dir(Path(out), overwrite, (local if local.exists() else None, cache_dir))
     t_start = time.perf_counter()
-    model, tokenizer, source = load_model(config.model, config.dtype, cache_dir)
+    model, tokenizer, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code)
+    identity = source_info(model, source)
+    check_same_model(expect, identity, "the record")
     check_inputs(model, config)
     # Calibration data before anything long: a bad source fails first.
     calib = None
@@ -322,7 +336,7 @@ def run(
         on_preview(preview(model, config, cache_dir, calib=calib))
     record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
                                         progress=progress, dry_run=dry_run)
-    record.source = {"kind": source.kind, "path": source.path}
+    record.source = identity
     record.versions = versions()
     record.timings["load_s"] = t_loaded - t_start
     if dry_run:
@@ -345,9 +359,10 @@ class EvalOutput:
 def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, max_tokens: int | None = None,
                  batch_size: int = 1, device: str = "cpu", dtype: str = "auto", tasks: str | None = None,
                  include_path: str | None = None, limit: float | None = None, dense: bool = True,
-                 cache_dir: Path | None = None, progress: bool = True) -> EvalOutput:
+                 cache_dir: Path | None = None, progress: bool = True, trust_remote_code: bool = False) -> EvalOutput:
     """Evaluate a model; for a prunewise run folder, also its dense source, reusing the record's dense
-    numbers when they were measured with the same protocol (else the source is loaded and measured).
+    numbers when they were measured with the same protocol (else the source is loaded, checked
+    against the record's fingerprint, and measured).
     ``data="none"`` skips perplexity; ``seqlen`` defaults to the run's evaluation window, else 2048."""
     want_ppl = data.lower() != "none"
     if not want_ppl and not tasks:
@@ -363,10 +378,11 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     if seqlen < 2:
         raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
 
-    def measure(spec: str, ppl: bool, zs: bool) -> tuple[dict | None, dict | None]:
+    def measure(spec: str, ppl: bool, zs: bool, expect: dict | None = None) -> tuple[dict | None, dict | None]:
         return _measure(spec, dtype, cache_dir, data if ppl else None, seqlen,
                         dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
-                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None)
+                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None,
+                        trust_remote_code, expect)
 
     result, acc = measure(model, want_ppl, bool(tasks))
     out = EvalOutput()
@@ -383,7 +399,9 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     if (want_ppl and dense_ppl is None) or (tasks and dense_acc is None):
         kind, src = record.source.get("kind"), record.source.get("path")
         spec = src if kind in ("folder", "gguf") else record.config["model"]
-        d_ppl, d_acc = measure(spec, want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None)
+        same_dtype = dtype == record.config.get("dtype", "auto")  # a fingerprint is of the weights as loaded
+        d_ppl, d_acc = measure(spec, want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None,
+                               record.source if same_dtype else None)
         dense_ppl, dense_acc = dense_ppl or d_ppl, dense_acc or d_acc
     cfg = record.config
     if want_ppl:
@@ -409,9 +427,13 @@ def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, 
 
 
 def _measure(spec: str, dtype: str, cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],
-             zs: dict[str, Any] | None) -> tuple[dict | None, dict | None]:
-    """Load ``spec`` and measure its perplexity on ``data`` and/or zero-shot accuracy (``zs``)."""
-    model, tok, _ = load_model(spec, dtype, cache_dir)
+             zs: dict[str, Any] | None, trust_remote_code: bool = False,
+             expect: dict | None = None) -> tuple[dict | None, dict | None]:
+    """Load ``spec`` (refused when it is not the model ``expect`` names) and measure its perplexity
+    on ``data`` and/or zero-shot accuracy (``zs``)."""
+    model, tok, source = load_model(spec, dtype, cache_dir, trust_remote_code=trust_remote_code)
+    if expect is not None:
+        check_same_model(expect, source_info(model, source), "the run")
     ppl = None
     if data is not None:
         check_context(model, "seqlen", seqlen)

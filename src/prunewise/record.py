@@ -138,8 +138,9 @@ class RunRecord:
         return path
 
     @classmethod
-    def read(cls, path: Path) -> RunRecord:
-        """The record at ``path`` (a ``pruning.json`` or the run folder holding it)."""
+    def read(cls, path: Path, strict: bool = False) -> RunRecord:
+        """The record at ``path`` (a ``pruning.json`` or the run folder holding it); ``strict``
+        refuses top-level fields a record does not have (a hand-written ``--config``)."""
         path = Path(path)
         if path.is_dir():
             path = path / RECORD
@@ -150,6 +151,12 @@ class RunRecord:
             raise PrunewiseError(f"config: no run record at {path}") from None
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PrunewiseError(f"config: cannot read {path}: {exc}") from None
+        if strict and isinstance(data, dict):
+            names = {f.name for f in dataclasses.fields(cls)} | {"schema"}
+            unknown = sorted(set(data) - names)
+            if unknown:
+                raise PrunewiseError(f"config: {path}: unknown top-level field(s) {', '.join(unknown)} "
+                                     f"(a run record has: {', '.join(sorted(names))})")
         try:
             return cls.from_dict(data)
         except PrunewiseError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,26 @@ def parse_spec(spec: str, what: str = "method") -> tuple[str, dict[str, Any]]:
 def suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric hyper-parameter: bounds (open or closed), checked when a spec
+    is bound, before any work. ``Range(gt=0)``, ``Range(ge=0, le=0.5)``."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, v: float) -> bool:
+        return not ((self.gt is not None and not v > self.gt) or (self.ge is not None and not v >= self.ge)
+                    or (self.lt is not None and not v < self.lt) or (self.le is not None and not v <= self.le))
+
+    def __str__(self) -> str:
+        lo = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else "(-inf"
+        hi = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else "inf)"
+        return f"{lo}, {hi}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,22 @@ class Entry:
                     raise ConfigError(f"{self.kind}: {self.name}.{key} must be a number, got {value!r}")
                 value = float(value)
             out[key] = value
+        self.check(out)
         return out
+
+    def check(self, params: dict[str, Any]) -> None:
+        """The values' own rules, declared at registration: ``ranges={key: Range}`` for numbers
+        (which must also be finite), ``choices={key: (...)}`` for words."""
+        ranges, choices = self.extra.get("ranges", {}), self.extra.get("choices", {})
+        for key, value in params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{self.kind}: {self.name}.{key} must be a finite number, got {value!r}")
+            if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not ranges[key].holds(value):
+                raise ConfigError(f"{self.kind}: {self.name}.{key} must be in {ranges[key]}, got {value!r}")
+            if key in choices and isinstance(value, str) and value not in choices[key]:
+                raise ConfigError(f"{self.kind}: {self.name}.{key} must be one of {', '.join(choices[key])}, "
+                                  f"got '{value}'{suggest(value, list(choices[key]))}")
 
 
 class Registry:

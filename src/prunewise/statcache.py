@@ -2,13 +2,19 @@
 
 A key is a SHA-256 of what the statistic depends on (weight bytes, calibration token ids, the
 options that change the numbers), so any later run, allocator search or sweep over the same
-weights and data pays once, and changed weights never reuse a stale entry. Files are written to
-a temporary sibling and renamed (:mod:`prunewise.atomic`), so a killed run never leaves a truncated entry.
+weights and data pays once, and changed weights never reuse a stale entry.
+
+Entries are safetensors files (tensors only: nothing in them can run code) whose metadata holds
+the kind, the key and a SHA-256 of the tensors. A file that cannot be read, or whose kind, key or
+checksum does not match (truncated, corrupt, swapped for another entry), is reported once by name
+and recomputed. Files are written to a temporary sibling and renamed (:mod:`prunewise.atomic`), so
+a killed run never leaves a truncated entry and two runs writing one entry at once both succeed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +25,17 @@ from torch import nn
 from .atomic import atomic_write
 from .config import resolve_cache_dir
 
+log = logging.getLogger(__name__)
+
+FORMAT = "prunewise-cache/1"
+_SINGLE = "__value__"  # the one tensor of an entry that is a tensor, not a {name: tensor} dict
+
 
 def _update(h: Any, tensor: torch.Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    flat = t.reshape(-1)  # 0-dim tensors (scalar buffers) cannot be viewed as bytes directly
+    h.update(flat.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else flat.numpy().tobytes())
 
 
 def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:
@@ -45,15 +57,58 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def entry(cache_dir: Path | None, kind: str, key: str) -> Path:
     """Where :func:`cached` keeps ``kind``/``key``."""
-    return resolve_cache_dir(cache_dir) / kind / f"{key}.pt"
+    return resolve_cache_dir(cache_dir) / kind / f"{key}.safetensors"
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        _update(h, tensors[name])
+    return h.hexdigest()
+
+
+def _read(path: Path, kind: str, key: str) -> Any:
+    """The value stored at ``path``, or None (with one warning naming the file) when it is unusable."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:
+        log.warning("cache entry %s cannot be read (%s); computing it again", path, str(exc).splitlines()[0][:120])
+        return None
+    expected = {"format": FORMAT, "kind": kind, "key": key, "sha256": _checksum(tensors)}
+    wrong = [k for k, v in expected.items() if meta.get(k) != v]
+    if wrong:
+        log.warning("cache entry %s does not match its %s; computing it again", path, " and ".join(wrong))
+        return None
+    return tensors[_SINGLE] if meta.get("layout") == "tensor" else tensors
+
+
+def _write(path: Path, kind: str, key: str, value: Any) -> None:
+    from safetensors.torch import save_file
+
+    single = isinstance(value, torch.Tensor)
+    if not single and not (isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())):
+        raise TypeError(f"cache '{kind}' stores a tensor or a dict of tensors, not {type(value).__name__}")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ({_SINGLE: value} if single else value).items()}
+    meta = {"format": FORMAT, "kind": kind, "key": key, "layout": "tensor" if single else "dict",
+            "sha256": _checksum(tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def cached(cache_dir: Path | None, kind: str, key: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``, stored as ``<cache_dir>/<kind>/<key>.pt``; loaded from there when present.
+    """``compute()`` (a tensor or a ``{name: tensor}`` dict), stored as
+    ``<cache_dir>/<kind>/<key>.safetensors``; read from there when present and intact.
     ``cache_dir=None`` is the default cache (:func:`prunewise.config.resolve_cache_dir`), as everywhere."""
     path = entry(cache_dir, kind, key)
     if path.is_file():
-        return torch.load(path)
+        value = _read(path, kind, key)
+        if value is not None:
+            return value
     value = compute()
-    atomic_write(path, lambda tmp: torch.save(value, tmp))
+    _write(path, kind, key, value)
     return value

@@ -21,6 +21,7 @@ A run that raises is recorded with its error (``"status": "failed"``) and the sw
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import itertools
@@ -162,9 +163,14 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             log.warning("%s:%d: unreadable line skipped (an interrupted write?)", path, i)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            log.warning("%s:%d: not a prunewise result line (no 'key'); skipped", path, i)
+            continue
+        rows.append(row)
     return rows
 
 
@@ -206,23 +212,25 @@ class SweepWorker:
     :func:`prunewise.pipeline.prune_and_evaluate`, the function ``prunewise prune`` uses; the
     result is the run's result line (its key, status and :meth:`RunRecord.summary`)."""
 
-    def __init__(self, base: PruneConfig, configs: list[PruneConfig], cache_dir: Path):
+    def __init__(self, base: PruneConfig, configs: list[PruneConfig], cache_dir: Path, trust_remote_code: bool = False):
         from .allocation.planner import build_profile
         from .blocks import BlockSource
         from .data import calibration_ids
-        from .io import versions
+        from .io import source_info, versions
         from .models import load_model
         from .pipeline import backup_weights, check_inputs, needs_calibration
 
         self.base, self.cache_dir = base, cache_dir
-        self.model, self.tokenizer, source = load_model(base.model, base.dtype, cache_dir)
+        self.model, self.tokenizer, source = load_model(base.model, base.dtype, cache_dir,
+                                                        trust_remote_code=trust_remote_code)
+        self.source = source_info(self.model, source)
         for config in configs:
             check_inputs(self.model, config)
         self.calib = None
         if any(needs_calibration(c) for c in configs):
             self.calib = calibration_ids(self.tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
         self.dense_weights = backup_weights(self.model, build_profile(BlockSource(self.model, base.blocks_path)))
-        self.common = {"source": {"kind": source.kind, "path": source.path}, "versions": versions()}
+        self.common = {"source": self.source, "versions": versions()}
 
     def dense_row(self, key: str, progress: bool) -> dict[str, Any]:
         """The dense baseline (perplexity, zero-shot) of the base settings, measured once."""
@@ -300,10 +308,54 @@ def _progress_line(i: int, n: int, config: PruneConfig, row: dict[str, Any], rec
 
 
 def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
-              save: bool = False, retry_failed: bool = False) -> SweepSummary:
-    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``."""
+              save: bool = False, retry_failed: bool = False, trust_remote_code: bool = False) -> SweepSummary:
+    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``. One sweep
+    at a time per folder (a lock); results of another model's weights in the folder are refused."""
+    with _locked(Path(out)):
+        return _run_sweep(sweep, Path(out), cache_dir, progress, save, retry_failed, trust_remote_code)
+
+
+LOCK = ".sweep.lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on ``out`` for the duration, so that two sweeps never run into one folder
+    (the second would compute every run again); the lock goes with the process that holds it."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PrunewiseError(f"sweep: {out} is in use by another sweep ({holder}); wait for it to finish "
+                                 "or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_model(out: Path, source: dict[str, str]) -> None:
+    """Refuse to add results for a model whose weights differ from those already in ``out``."""
+    from .io import check_same_model
+
+    for row in read_results(out):
+        if (row.get("source") or {}).get("fingerprint"):
+            check_same_model(row["source"], source, f"the results in {out / RESULTS}")
+            return
+
+
+def _run_sweep(sweep: Sweep, out: Path, cache_dir: Path | None, progress: bool, save: bool, retry_failed: bool,
+               trust_remote_code: bool) -> SweepSummary:
     t_start = time.perf_counter()
-    out = Path(out)
     runs, skipped, done = _pending(sweep, out, retry_failed)
     summary = SweepSummary(out, skipped_invalid=skipped)
     todo = [c for c in runs if run_key(c) not in done]
@@ -312,7 +364,8 @@ def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progres
     dkey = dense_key(base)
     need_dense = (base.eval_data or base.tasks) and dkey not in done
     if todo or need_dense:
-        worker = SweepWorker(base, todo or [base], resolve_cache_dir(cache_dir))
+        worker = SweepWorker(base, todo or [base], resolve_cache_dir(cache_dir), trust_remote_code)
+        _check_model(out, worker.source)
         if need_dense:
             row = worker.dense_row(dkey, progress)
             _append(out / RESULTS, row)

@@ -26,7 +26,7 @@ Deviations from reference:
 
 from __future__ import annotations
 
-from ..registry import ALLOCATORS
+from ..registry import ALLOCATORS, Range
 from . import Profile, clamp_to_budget
 from .esd import FITS, alpha_hill
 
@@ -43,6 +43,8 @@ def layer_alphas(profile: Profile, fit: str, faithful_log10: bool) -> dict[str, 
     summary="higher sparsity for layers whose eigenvalue spectrum is less heavy-tailed (larger alpha)",
     paper="Lu et al., AlphaPruning, NeurIPS 2024, arXiv 2410.10912",
     needs=("eigenvalues",),
+    ranges={"epsilon": Range(ge=0, le=1), "max_sparsity": Range(gt=0, le=1)},
+    choices={"fit": FITS, "granularity": GRANULARITIES},
 )
 def allocate(
     profile: Profile,
@@ -54,12 +56,8 @@ def allocate(
     faithful_log10: bool = False,
     max_sparsity: float = 0.99,
 ) -> dict[str, float]:
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"alphapruning: epsilon must be in [0, 1], got {epsilon}")
-    if fit not in FITS:
-        raise ValueError(f"alphapruning: fit must be one of {', '.join(FITS)}, got '{fit}'")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"alphapruning: granularity must be block or matrix, got '{granularity}'")
+    ALLOCATORS.get("alphapruning").check({"epsilon": epsilon, "fit": fit, "granularity": granularity,
+                                          "max_sparsity": max_sparsity})
     alphas = layer_alphas(profile, fit, faithful_log10)
     if granularity == "block":
         per_block: dict[int, list[float]] = {}

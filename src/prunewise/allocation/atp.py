@@ -41,7 +41,7 @@ import time
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..registry import ALLOCATORS
+from ..registry import ALLOCATORS, Range
 from . import Profile, check_allocation, mixed_nm
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def _search_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     nm=True,
     driver_for=_driver_for,
     driver_cost=_search_cost,
+    ranges={"beta": Range(ge=0), "step": Range(gt=0), "heldout": Range(ge=1)},
 )
 def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
              heldout: int = 16) -> dict[str, float]:

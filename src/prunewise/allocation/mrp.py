@@ -54,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..registry import ALLOCATORS
+from ..registry import ALLOCATORS, Range
 from . import Profile, block_profile, layer_scores
 
 KNOTS = 4096
@@ -136,17 +136,10 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
 
 def validate(profile: Profile, sparsity: float, *, m: float, step: float, start: float | str, threshold: str,
              stats: str, rounds: int, max_sparsity: float, **_: object) -> float:
-    """Check the hyper-parameters; return the starting sparsity."""
-    if m <= 0:
-        raise ConfigError(f"mrp: the outlier threshold m must be > 0, got {m}")
-    if not 0 < step <= 0.5:
-        raise ConfigError(f"mrp: step must be in (0, 0.5], got {step}")
-    if threshold not in THRESHOLDS:
-        raise ConfigError(f"mrp: threshold must be one of {', '.join(THRESHOLDS)}, got '{threshold}'")
-    if stats not in STATS:
-        raise ConfigError(f"mrp: stats must be one of {', '.join(STATS)}, got '{stats}'")
-    if rounds < 1:
-        raise ConfigError(f"mrp: rounds must be >= 1, got {rounds}")
+    """Check the hyper-parameters (those that depend on the target here, the rest by the registry's
+    rules); return the starting sparsity."""
+    ALLOCATORS.get("mrp").check({"m": m, "step": step, "threshold": threshold, "stats": stats, "rounds": rounds,
+                                 "max_sparsity": max_sparsity})
     if start == "auto":
         start = max(sparsity - 0.1, 0.0)
     if isinstance(start, str) or not 0 <= start <= sparsity:
@@ -223,6 +216,8 @@ def _dynamic_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
     needs=("weights", "dense_input_norm"),
     needs_for=_needs,
+    ranges={"m": Range(gt=0), "step": Range(gt=0, le=0.5), "rounds": Range(ge=1), "max_sparsity": Range(gt=0, lt=1)},
+    choices={"threshold": THRESHOLDS, "stats": STATS, "score": SCORES, "granularity": GRANULARITIES},
     driver_for=_driver_for,
     driver_cost=_dynamic_cost,
 )

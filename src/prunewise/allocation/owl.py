@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import ALLOCATORS
+from ..registry import ALLOCATORS, Range
 from . import Profile, block_clamp, layer_scores, mixed_nm
 
 
@@ -68,13 +68,11 @@ def map_ratios(ratios: list[float], profile: Profile, sparsity: float, lam: floa
     paper="Yin et al., OWL, ICML 2024, arXiv 2310.05175",
     needs=("weights", "dense_input_norm"),
     nm=True,
+    ranges={"m": Range(gt=0), "lam": Range(ge=0, le=0.5), "max_sparsity": Range(gt=0, le=1)},
 )
 def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, lam: float = 0.08,
              max_sparsity: float = 0.99) -> dict[str, float]:
-    if m <= 0:
-        raise ValueError(f"owl: the outlier threshold m must be > 0, got {m}")
-    if not 0.0 <= lam <= 0.5:
-        raise ValueError(f"owl: lam must be in [0, 0.5], got {lam}")
+    ALLOCATORS.get("owl").check({"m": m, "lam": lam, "max_sparsity": max_sparsity})
     values = map_ratios(outlier_ratios(profile, m), profile, sparsity, lam, max_sparsity)
     if profile.pattern.is_nm:
         values = mixed_nm(values, profile, "owl")

@@ -30,15 +30,14 @@ from __future__ import annotations
 import torch
 
 from ..gradients import NORMS
-from ..registry import METRICS
+from ..registry import METRICS, Range
 from ..stats import LayerStats
+
+RULES = {"ranges": {"scale": Range(gt=0)}, "choices": {"norm": NORMS}}
 
 
 def _check(norm: str, scale: float) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"gblm: norm must be l1 or l2, got '{norm}'")
-    if scale <= 0:
-        raise ValueError(f"gblm: scale must be > 0, got {scale}")
+    METRICS.get("gblm").check({"norm": norm, "scale": scale})
 
 
 def _grad(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
@@ -61,6 +60,7 @@ def grad_options(params: dict) -> dict:
     kind="score",
     group="row",
     grad_options=grad_options,
+    **RULES,
 )
 def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
           checkpointing: bool = False) -> torch.Tensor:
@@ -77,6 +77,7 @@ def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: f
     kind="score",
     group="row",
     grad_options=grad_options,
+    **RULES,
 )
 def gradient_score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
                    checkpointing: bool = False) -> torch.Tensor:

@@ -33,7 +33,7 @@ import logging
 import torch
 
 from ..masks import Pattern, lowest_in_matrix, spread_counts, target_count
-from ..registry import METRICS
+from ..registry import METRICS, Range
 from ..stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
     needs=("hessian",),
     kind="solver",
     group="block",
+    ranges={"blocksize": Range(ge=1), "percdamp": Range(ge=0)},
 )
 def solve(
     weight: torch.Tensor,
@@ -77,10 +78,7 @@ def solve(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> torch.Tensor:
-    if blocksize < 1:
-        raise ValueError("sparsegpt: blocksize must be >= 1")
-    if percdamp < 0:
-        raise ValueError("sparsegpt: percdamp must be >= 0")
+    METRICS.get("sparsegpt").check({"blocksize": blocksize, "percdamp": percdamp})
     w = weight.detach().float().clone()
     rows, cols = w.shape
     h = stats.hessian().to(w.device)
