@@ -224,16 +224,18 @@ def collect_gradients(
     return {name: t.cpu() for name, t in acc.items()}
 
 
-def gradient_key(model: nn.Module, calib: torch.Tensor, blocks_path: str | None, norm: str, scale: float) -> str:
-    """The cache key of :func:`layer_gradients`: the weights, the calibration ids and the options."""
-    return fingerprint(calib, extra=f"{model_fingerprint(model)}:{blocks_path}:{norm}:{float(scale)!r}")
+def gradient_key(model_key: str, calib: torch.Tensor, blocks_path: str | None, norm: str, scale: float) -> str:
+    """The cache key of :func:`layer_gradients`: the weights (their fingerprint), the calibration
+    ids and the options."""
+    return fingerprint(calib, extra=f"{model_key}:{blocks_path}:{norm}:{float(scale)!r}")
 
 
 def layer_gradients(model: nn.Module, calib: torch.Tensor, *, norm: str, scale: float, checkpointing: bool = False,
                     device: str = "cpu", blocks_path: str | None = None, cache_dir: Path | None = None,
-                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """:func:`collect_gradients`, cached on disk by content (checkpointing does not enter the key)."""
-    key = gradient_key(model, calib, blocks_path, norm, scale)
+                    progress: bool = True, model_key: str | None = None) -> dict[str, torch.Tensor]:
+    """:func:`collect_gradients`, cached on disk by content (checkpointing does not enter the key);
+    ``model_key`` is the model's fingerprint when the caller has it."""
+    key = gradient_key(model_key or model_fingerprint(model), calib, blocks_path, norm, scale)
     return cached(cache_dir, "gradients", key, lambda: collect_gradients(
         model, calib, norm=norm, scale=scale, checkpointing=checkpointing, device=device,
         blocks_path=blocks_path, progress=progress))

@@ -54,7 +54,7 @@ def needs_calibration(config: PruneConfig) -> bool:
 
 
 def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: torch.Tensor | None,
-                 progress: bool, profile: Profile | None = None) -> StatContext:
+                 progress: bool, profile: Profile | None = None, model_key: str | None = None) -> StatContext:
     """What statistic providers read for this run (the model as a block source, calibration ids, cache)."""
     source = BlockSource(model, config.blocks_path, config.device)
     metric, params = config.metric_spec
@@ -62,17 +62,19 @@ def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: 
         profile = build_profile(source)
         profile.metric = metric
         profile.pattern = config.pattern_obj
-    return StatContext(source, profile, cache_dir, calib, config.batch_size, METRICS.get(metric), params, progress)
+    return StatContext(source, profile, cache_dir, calib, config.batch_size, METRICS.get(metric), params, progress,
+                       model_key)
 
 
 def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
          calib: torch.Tensor | None = None, progress: bool = True,
-         dense_weights: dict[str, torch.Tensor] | None = None) -> Plan:
+         dense_weights: dict[str, torch.Tensor] | None = None, model_key: str | None = None) -> Plan:
     """The per-layer sparsity targets of ``config`` for ``model`` and how they were found; the model
     is left as it was. Allocators that read calibration data (OWL, MRP with Wanda scores) need
     ``tokenizer`` or ``calib``; drivers that prune trial models (ATP's search) need ``tokenizer``
     for held-out text. ``dense_weights`` (a copy of the dense prunable weights, as a sweep keeps)
-    is what trials restore from; without it the planner takes its own copy."""
+    is what trials restore from; without it the planner takes its own copy. ``model_key`` is the
+    model's fingerprint when the caller has it (:func:`prunewise.io.source_info`)."""
     config.validate()
     cache_dir = resolve_cache_dir(cache_dir)
     name, params = config.allocator_spec
@@ -82,7 +84,7 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
             raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data "
                              "(pass a tokenizer or calib)")
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
-    ctx = stat_context(model, config, cache_dir, calib, progress)
+    ctx = stat_context(model, config, cache_dir, calib, progress, model_key=model_key)
     trials = None
     if driver is not None:
         backup = dense_weights if dense_weights is not None else backup_weights(model, ctx.profile)
@@ -91,10 +93,10 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
 
 
 def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *,
-            calib: torch.Tensor | None = None) -> list[Work]:
+            calib: torch.Tensor | None = None, model_key: str | None = None) -> list[Work]:
     """The heavy steps :func:`plan` would take for ``config`` (calibration passes, SVDs, trial
     prunings), each with a rough duration or marked cached; computes nothing but two timings."""
-    ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, False)
+    ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, False, model_key=model_key)
     name, params = config.allocator_spec
     return plan_preview(ctx, name, params, config.target, config.mode)
 
@@ -234,15 +236,16 @@ def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[s
 
 def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None,
                        cache_dir: Path, progress: bool = True, dense: bool = True, dry_run: bool = False,
-                       dense_weights: dict[str, torch.Tensor] | None = None,
+                       dense_weights: dict[str, torch.Tensor] | None = None, model_key: str | None = None,
                        ) -> tuple[RunRecord, PruneResult | None]:
     """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the run's
     record (without source, versions and totals, which the caller knows) and the engine's result.
     ``dense=False`` skips the dense evaluation (a sweep measures it once); ``dense_weights`` is a
-    copy of the dense prunable weights that allocator drivers restore from."""
+    copy of the dense prunable weights that allocator drivers restore from; ``model_key`` the dense
+    model's fingerprint, when known."""
     record = RunRecord(config.to_dict())
     planned = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress,
-                   dense_weights=dense_weights)
+                   dense_weights=dense_weights, model_key=model_key)
     allocation = planned.allocation
     record.allocation = {"allocator": config.allocator, "wall_s": planned.wall_s,
                          "blocks": block_profile(planned.profile, allocation), **planned.details}
@@ -333,9 +336,9 @@ def run(
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
     t_loaded = time.perf_counter()
     if dry_run and on_preview is not None:
-        on_preview(preview(model, config, cache_dir, calib=calib))
+        on_preview(preview(model, config, cache_dir, calib=calib, model_key=identity["fingerprint"]))
     record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                        progress=progress, dry_run=dry_run)
+                                        progress=progress, dry_run=dry_run, model_key=identity["fingerprint"])
     record.source = identity
     record.versions = versions()
     record.timings["load_s"] = t_loaded - t_start

@@ -35,7 +35,7 @@ def _update(h: Any, tensor: torch.Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
     flat = t.reshape(-1)  # 0-dim tensors (scalar buffers) cannot be viewed as bytes directly
-    h.update(flat.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else flat.numpy().tobytes())
+    h.update((flat.view(torch.uint8) if t.dtype != torch.bool else flat).numpy())  # hashed in place, not copied
 
 
 def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:

@@ -256,7 +256,7 @@ class SweepWorker:
         try:
             record, _ = prune_and_evaluate(self.model, self.tokenizer, config, calib=self.calib,
                                            cache_dir=self.cache_dir, progress=False, dense=False,
-                                           dense_weights=self.dense_weights)
+                                           dense_weights=self.dense_weights, model_key=self.source["fingerprint"])
             if save_to is not None:
                 self._stamp(record, t0)
                 row["saved"] = str(save_run(self.model, self.tokenizer, save_to, record, overwrite=True))

@@ -51,6 +51,14 @@ class StatContext:
     metric: Entry | None = None
     metric_params: dict[str, Any] | None = None
     progress: bool = True
+    model_key: str | None = None  # the model's fingerprint, when the caller already has it for these weights
+
+    def fingerprint(self) -> str:
+        """:func:`~prunewise.statcache.model_fingerprint` of the model, computed once per context
+        (a context lives while the weights do not change: planning, or one re-measurement)."""
+        if self.model_key is None:
+            self.model_key = model_fingerprint(self.model)
+        return self.model_key
 
     @property
     def model(self) -> nn.Module:
@@ -105,7 +113,7 @@ def weights(ctx: StatContext) -> dict[str, torch.Tensor]:
 
 
 def _dense_key(ctx: StatContext) -> str:
-    return fingerprint(ctx.need_calib("dense_input_norm"), extra=f"{model_fingerprint(ctx.model)}:{ctx.source.path}")
+    return fingerprint(ctx.need_calib("dense_input_norm"), extra=f"{ctx.fingerprint()}:{ctx.source.path}")
 
 
 def _dense_cost(ctx: StatContext, rates):
@@ -130,7 +138,7 @@ def _grad_cost(ctx: StatContext, rates):
 
     options = ctx.metric.extra["grad_options"](ctx.metric_params)
     what = "gradient pass (forward and backward)"
-    key = gradient_key(ctx.model, ctx.need_calib("grad"), ctx.source.path, options["norm"], options["scale"])
+    key = gradient_key(ctx.fingerprint(), ctx.need_calib("grad"), ctx.source.path, options["norm"], options["scale"])
     if entry(ctx.cache_dir, "gradients", key).is_file():
         return Work(what, None)
     return calibration_pass(ctx, rates, what, factor=3.0)
@@ -142,7 +150,7 @@ def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     from ..gradients import layer_gradients
 
     options = ctx.metric.extra["grad_options"](ctx.metric_params)
-    return layer_gradients(ctx.model, ctx.need_calib("grad"), device=str(ctx.source.device),
+    return layer_gradients(ctx.model, ctx.need_calib("grad"), model_key=ctx.fingerprint(), device=str(ctx.source.device),
                            blocks_path=ctx.source.path, cache_dir=ctx.cache_dir, progress=ctx.progress, **options)
 
 
