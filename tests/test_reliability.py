@@ -359,3 +359,37 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path, model_dir, text)
     assert read_results(tmp_path / "s") == []
     run_sweep(sweep, tmp_path / "s", progress=False)  # free again once the first one is done
     assert len(read_results(tmp_path / "s")) == 1
+
+
+def test_a_pickled_checkpoint_and_a_short_gguf_are_one_line(model_dir, text, tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    with open(pickled / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(Planted(), fh)
+    assert main(argv(pickled, text)) == 2
+    err = capsys.readouterr().err
+    assert f"model: cannot load {pickled}" in err and err.count("\n") == 1 and not marker.exists()
+    short = tmp_path / "m.gguf"
+    short.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+    assert main(argv(short, text)) == 2
+    err = capsys.readouterr().err
+    assert f"model: cannot read {short}" in err and err.count("\n") == 1
+
+
+def test_a_damaged_conversion_of_the_bundled_model_is_redone(tmp_path, tokenizer, monkeypatch, caplog):
+    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: (tiny_model("llama"), tokenizer))
+    folder = models.bundled_model_dir("smollm2-135m", tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    model, _, source = models.load_model("smollm2-135m", cache_dir=tmp_path)
+    assert source.path == str(folder) and model_fingerprint(model) == model_fingerprint(tiny_model("llama"))
+    assert "converting smollm2-135m again" in caplog.text
