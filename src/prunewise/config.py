@@ -31,6 +31,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "prunewise"
 
 
+def default_device() -> str:
+    """``$PRUNEWISE_DEVICE`` (e.g. ``cuda``) or ``cpu``: the device of every run that names none."""
+    return os.environ.get("PRUNEWISE_DEVICE", "").strip() or "cpu"
+
+
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
     """The cache folder to use: ``cache_dir`` if given, else :func:`default_cache_dir`."""
     path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -66,7 +71,7 @@ class PruneConfig:
     mode: str = "two-pass"
     propagate: str = "pruned"
     batch_size: int = 1
-    device: str = "cpu"
+    device: str = dataclasses.field(default_factory=lambda: default_device())
     dtype: str = "auto"
     blocks_path: str | None = None
     eval_data: str | None = None

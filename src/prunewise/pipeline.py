@@ -18,7 +18,7 @@ from .allocation.preview import Work
 from .allocation.preview import preview as plan_preview
 from .allocation.providers import StatContext, provide, reads_calibration
 from .blocks import BlockSource
-from .config import PruneConfig, resolve_cache_dir
+from .config import PruneConfig, default_device, resolve_cache_dir
 from .data import calibration_ids, heldout_ids
 from .engine import PruneOptions, PruneResult, prune_blocks
 from .errors import ConfigError, PrunewiseError
@@ -360,13 +360,14 @@ class EvalOutput:
 
 
 def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, max_tokens: int | None = None,
-                 batch_size: int = 1, device: str = "cpu", dtype: str = "auto", tasks: str | None = None,
+                 batch_size: int = 1, device: str | None = None, dtype: str = "auto", tasks: str | None = None,
                  include_path: str | None = None, limit: float | None = None, dense: bool = True,
                  cache_dir: Path | None = None, progress: bool = True, trust_remote_code: bool = False) -> EvalOutput:
     """Evaluate a model; for a prunewise run folder, also its dense source, reusing the record's dense
     numbers when they were measured with the same protocol (else the source is loaded, checked
     against the record's fingerprint, and measured).
     ``data="none"`` skips perplexity; ``seqlen`` defaults to the run's evaluation window, else 2048."""
+    device = device or default_device()
     want_ppl = data.lower() != "none"
     if not want_ppl and not tasks:
         raise PrunewiseError("nothing to evaluate: --data none and no --tasks")
