@@ -19,7 +19,7 @@ from .allocation.providers import STATISTICS
 from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
 from .errors import PrunewiseError
 from .export import EXPORTERS
-from .record import RunRecord
+from .record import RECORD, RunRecord
 from .registry import ALLOCATORS, METRICS
 from .tables import block_table, layer_table, ppl_table, zero_shot_columns
 
@@ -116,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-dense", action="store_true", help="do not evaluate the dense source model of a run")
     _task_args(e)
     _common(e)
+
+    sp = sub.add_parser("speed", help="inference speed of a pruned run against its dense source",
+                        description="Prefill and decode tokens/s of a prunewise run and its dense source, and "
+                        "per-layer matmul times; 2:4 layers also through sparse kernels on GPUs that have them.")
+    sp.add_argument("--model", required=True, help="a prunewise run folder (or any model: then measured alone)")
+    sp.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
+    sp.add_argument("--dtype", choices=DTYPES, default="auto", help="load both models in this dtype (default: as stored)")
+    sp.add_argument("--shapes", default="1x128,1x512,4x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
+    sp.add_argument("--decode", default="1,16", help="decode batch sizes, comma-separated")
+    sp.add_argument("--steps", type=int, default=32, help="tokens generated per decode measurement")
+    sp.add_argument("--tokens", type=int, default=2048, help="rows of the per-layer matmuls")
+    sp.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    sp.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    _common(sp)
 
     lst = sub.add_parser("list", help="registered metrics, allocators and patterns")
     _common(lst)
@@ -217,6 +231,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str, what: str, sep: str = ",") -> list:
+    try:
+        values = [tuple(int(v) for v in item.split("x")) if "x" in item else int(item)
+                  for item in text.split(sep) if item.strip()]
+    except ValueError:
+        raise PrunewiseError(f"{what}: cannot read '{text}'") from None
+    if not values or any(v < 1 for item in values for v in (item if isinstance(item, tuple) else (item,))):
+        raise PrunewiseError(f"{what}: expected positive integers, got '{text}'")
+    return values
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .config import default_device, resolve_cache_dir
+    from .models import load_model
+    from .pipeline import load_dense_source
+    from .speed import measure, tables
+
+    shapes = _ints(args.shapes, "shapes")
+    if any(not isinstance(s, tuple) or len(s) != 2 for s in shapes):
+        raise PrunewiseError(f"shapes: expected BATCHxLENGTH items, got '{args.shapes}'")
+    batches = _ints(args.decode, "decode")
+    device = args.device or default_device()
+    PruneConfig(device=device).validate()  # cuda available?
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    path = Path(args.model).expanduser()
+    pruned, _, _ = load_model(args.model, args.dtype, cache_dir, trust_remote_code=args.trust_remote_code)
+    dense = None
+    if (path / RECORD).is_file():
+        dense, _ = load_dense_source(RunRecord.read(path), args.dtype, cache_dir, args.trust_remote_code)
+    report = measure(pruned, dense, device=device, shapes=shapes, decode_batches=batches, steps=args.steps,
+                     tokens=args.tokens, repeat=args.repeat)
+    print(tables(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(dataclasses.asdict(report), indent=1), encoding="utf-8")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import Sweep, label, read_results, run_key, run_sweep
 
@@ -304,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list}
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "speed": cmd_speed,
+                "list": cmd_list}
     previous = signal.signal(signal.SIGTERM, _terminated)  # a job scheduler's stop: clean up as for Ctrl-C
     try:
         return commands[args.command](args)

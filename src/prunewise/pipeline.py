@@ -382,13 +382,13 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     if seqlen < 2:
         raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
 
-    def measure(spec: str, ppl: bool, zs: bool, expect: dict | None = None) -> tuple[dict | None, dict | None]:
-        return _measure(spec, dtype, cache_dir, data if ppl else None, seqlen,
+    def measure(load: Callable[[], tuple], ppl: bool, zs: bool) -> tuple[dict | None, dict | None]:
+        return _measure(load, cache_dir, data if ppl else None, seqlen,
                         dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
-                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None,
-                        trust_remote_code, expect)
+                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None)
 
-    result, acc = measure(model, want_ppl, bool(tasks))
+    result, acc = measure(lambda: load_model(model, dtype, cache_dir, trust_remote_code=trust_remote_code)[:2],
+                          want_ppl, bool(tasks))
     out = EvalOutput()
     if record is None or not dense:
         if want_ppl:
@@ -401,11 +401,8 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     dense_ppl = record.reusable("dense", result) if want_ppl else None
     dense_acc = record.reusable_zero_shot("dense", tasks, limit, include_path) if tasks else None
     if (want_ppl and dense_ppl is None) or (tasks and dense_acc is None):
-        kind, src = record.source.get("kind"), record.source.get("path")
-        spec = src if kind in ("folder", "gguf") else record.config["model"]
-        same_dtype = dtype == record.config.get("dtype", "auto")  # a fingerprint is of the weights as loaded
-        d_ppl, d_acc = measure(spec, want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None,
-                               record.source if same_dtype else None)
+        d_ppl, d_acc = measure(lambda: load_dense_source(record, dtype, cache_dir, trust_remote_code),
+                               want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None)
         dense_ppl, dense_acc = dense_ppl or d_ppl, dense_acc or d_acc
     cfg = record.config
     if want_ppl:
@@ -414,6 +411,21 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
         out.zero_shot += [("dense", dense_acc), ("pruned", acc)]
     _append_evaluation(record, path, dense_ppl, result, dense_acc, acc, tasks, limit)
     return out
+
+
+def dense_spec(record: RunRecord) -> str:
+    """What to load for a run's dense source: where it was loaded from, else the model as named."""
+    kind, src = record.source.get("kind"), record.source.get("path")
+    return src if kind in ("folder", "gguf") and src else record.config["model"]
+
+
+def load_dense_source(record: RunRecord, dtype: str, cache_dir: Path, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a run's dense source, refused when its weights are not the record's
+    (checked when loaded in the run's dtype: a fingerprint is of the weights as loaded)."""
+    model, tok, source = load_model(dense_spec(record), dtype, cache_dir, trust_remote_code=trust_remote_code)
+    if dtype == record.config.get("dtype", "auto"):
+        check_same_model(record.source, source_info(model, source), "the run")
+    return model, tok
 
 
 def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, ppl: dict | None,
@@ -430,14 +442,11 @@ def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, 
     record.write(folder / RECORD)
 
 
-def _measure(spec: str, dtype: str, cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],
-             zs: dict[str, Any] | None, trust_remote_code: bool = False,
-             expect: dict | None = None) -> tuple[dict | None, dict | None]:
-    """Load ``spec`` (refused when it is not the model ``expect`` names) and measure its perplexity
-    on ``data`` and/or zero-shot accuracy (``zs``)."""
-    model, tok, source = load_model(spec, dtype, cache_dir, trust_remote_code=trust_remote_code)
-    if expect is not None:
-        check_same_model(expect, source_info(model, source), "the run")
+def _measure(load: Callable[[], tuple], cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],
+             zs: dict[str, Any] | None) -> tuple[dict | None, dict | None]:
+    """``load()`` a model and its tokenizer and measure its perplexity on ``data`` and/or zero-shot
+    accuracy (``zs``)."""
+    model, tok = load()
     ppl = None
     if data is not None:
         check_context(model, "seqlen", seqlen)
