@@ -31,9 +31,9 @@ def test_speed_of_a_2_4_run_against_its_dense_source(tokenizer, text_file, tmp_p
     assert sorted((tuple(r["shape"]), r["count"]) for r in report["layers"]) == [
         ((32, 32), 12), ((32, 64), 3), ((64, 32), 6)]
     assert all(r["nm"] and r["sparsity"] == 0.5 and r["sparse_ms"] is None for r in report["layers"])
-    assert report["notes"] == ["cpu: no sparse matmul kernel on this device: the pruned model runs the same dense "
-                               "matmuls as the dense one, so its zeros buy no speed here; differences are "
-                               "measurement noise"]
+    assert len(report["notes"]) == 1 and report["notes"][0].startswith(
+        "cpu: no sparse matmul kernel on this device: the pruned model runs the same dense matmuls as the dense "
+        "one, so its zeros buy no speed here")
     assert "prefill tokens/s" in printed and "note: cpu: no sparse matmul kernel" in printed
 
 

@@ -15,7 +15,8 @@ Sparse kernels: 2:4 weights through :func:`torch.sparse.to_sparse_semi_structure
 compute capability 8.0 or newer in fp16/bf16 (the pruned model is measured a second time with
 those layers converted). Nothing else skips zeros: unstructured sparsity, and any sparsity on a
 CPU, runs the same dense matmuls as the dense model, and the report says so instead of showing
-noise as a speed-up. Each figure is the median of ``repeat`` timed runs after one warm-up.
+a difference as a speed-up (on the bundled model's CPU decode, the pruned model is measured
+slower, partly from subnormal activations: ``benchmarks/RESULTS.md``). Each figure is the median of ``repeat`` timed runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def measure(pruned: nn.Module, dense: nn.Module | None, *, device: str = "cpu",
             pruned.to("cpu")
     else:
         report.notes.append(f"{why_not or 'no 2:4 layers'}: the pruned model runs the same dense matmuls as the "
-                            "dense one, so its zeros buy no speed here; differences are measurement noise")
+                            "dense one, so its zeros buy no speed here; any difference comes from elsewhere "
+                            "(noise, or slower arithmetic on the values zeros leave, e.g. subnormal floats)")
     return report
 
 
