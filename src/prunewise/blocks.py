@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .experts import routed
 from .models import block_linears, find_blocks
 
 
@@ -129,7 +130,8 @@ class BlockSource:
         home = next(block.parameters()).device
         block.to(self.device)
         try:
-            yield block
+            with routed(block):  # fused experts through per-expert modules, so hooks see routed tokens
+                yield block
         finally:
             block.to(home)
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .blocks import BlockSource, Call, Stop, run_block
 from .config import MODES, PROPAGATE
+from .experts import ExpertLinear
 from .masks import Pattern, make_mask
 from .models import weight_matrix
 from .registry import METRICS, Entry
@@ -109,7 +110,13 @@ class PruneOptions:
         return stats
 
     def prune_layer(self, name: str, module: nn.Module, stats: LayerStats | None) -> int:
-        zeros = prune_linear(module, self.metric, self.params, stats, self.allocation[name], self.pattern)
+        metric, params = self.metric, self.params
+        if self.needs_data and (stats is None or stats.ntokens == 0):
+            if not isinstance(module, ExpertLinear):
+                raise _no_input(name, metric.name)
+            log.warning("%s: no calibration token was routed to this expert; pruned by magnitude", name)
+            metric, params, stats = METRICS.get("magnitude"), {}, None
+        zeros = prune_linear(module, metric, params, stats, self.allocation[name], self.pattern)
         if stats is not None:
             stats.release()
         return zeros
@@ -149,7 +156,9 @@ class _Pruner:
     def __init__(self, opts: PruneOptions):
         self.opts = opts
         self.zeros: dict[str, int] = {}
-        self.last: int | None = None  # position of the last linear layer to run in one forward
+        # per block layout (its layers' names within the block): position of the last linear layer
+        # to run in one forward, or None when that is not fixed (experts run as tokens are routed)
+        self.last: dict[tuple[str, ...], int | None] = {}
 
     def data_free(self, i, block, linears, hidden, calls):
         stats = self.opts.stats_for(linears)
@@ -174,23 +183,26 @@ class _Pruner:
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n, _ in linears if n not in self.zeros]
-        if missing:
-            raise _no_input(missing[0], self.opts.metric.name)
+        for name, module in linears:  # layers that saw no input: an expert no token was routed to
+            if name not in self.zeros:
+                self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
         return hidden
 
     def two_pass(self, i, block, linears, hidden, calls):
         stats = self.opts.stats_for(linears)
         # The dense block's outputs are needed only for dense propagation; otherwise each forward
-        # stops right after the last linear layer has seen its input.
-        need_outputs = self.opts.propagate == "dense" or self.last is None
-        collector = StatsCollector(stats, None if need_outputs else linears[self.last][0])
+        # stops right after the last linear layer has seen its input (once a block of this layout
+        # has shown which one that is).
+        within = {id(m): n for n, m in block.named_modules()}
+        layout = tuple(within[id(m)] for _, m in linears)
+        last = self.last.get(layout)
+        collector = StatsCollector(stats, None if self.opts.propagate == "dense" or last is None
+                                   else linears[last][0])
         outs = collector.run(block, linears, hidden, calls)
-        if self.last is None:
-            self.last = collector.last_layer([name for name, _ in linears])
+        if layout not in self.last:
+            experts = any(isinstance(m, ExpertLinear) for _, m in linears)
+            self.last[layout] = None if experts else collector.last_layer([name for name, _ in linears])
         for name, module in linears:
-            if stats[name].ntokens == 0:
-                raise _no_input(name, self.opts.metric.name)
             self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
         return run_block(block, hidden, calls) if self.opts.propagate == "pruned" else outs
 

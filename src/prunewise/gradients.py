@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .blocks import BlockSource, first, run_block
 from .errors import PrunewiseError
+from .experts import ExpertLinear
 from .models import _is_conv1d, weight_matrix
 from .statcache import cached, fingerprint, model_fingerprint
 
@@ -141,22 +142,30 @@ def _folding(model: nn.Module, modules: dict[str, nn.Module], acc: dict[str, tor
     was_training = model.training
     hooks = []
 
-    def fold(name: str, transposed: bool):
+    def fold(targets: list[tuple[str, int | None, bool]]):
         def hook(param: torch.Tensor) -> None:
-            g = param.grad.detach().float() * scale
-            g = g.t() if transposed else g
-            acc[name].add_(g.abs() if norm == "l1" else g.square())
+            grad = param.grad.detach()
+            for name, index, transposed in targets:  # one weight, or each expert's slice of a fused one
+                g = (grad if index is None else grad[index]).float() * scale
+                g = g.t() if transposed else g
+                acc[name].add_(g.abs() if norm == "l1" else g.square())
             param.grad = None
 
         return hook
 
+    by_param: dict[torch.Tensor, list[tuple[str, int | None, bool]]] = {}
+    for name, m in modules.items():
+        if isinstance(m, ExpertLinear):
+            by_param.setdefault(m.fused, []).append((name, m.index, False))
+        else:
+            by_param.setdefault(m.weight, []).append((name, None, _is_conv1d(m)))
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        for name, m in modules.items():
-            m.weight.requires_grad_(True)
-            hooks.append(m.weight.register_post_accumulate_grad_hook(fold(name, _is_conv1d(m))))
+        for param, targets in by_param.items():
+            param.requires_grad_(True)
+            hooks.append(param.register_post_accumulate_grad_hook(fold(targets)))
         yield
     finally:
         for h in hooks:

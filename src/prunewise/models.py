@@ -226,8 +226,15 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The prunable linear layers of a block, in module order (``nn.Linear`` and GPT-2 ``Conv1D``)."""
-    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+    """The prunable linear layers of a block, in module order: ``nn.Linear``, GPT-2 ``Conv1D``
+    and each expert's projections of fused mixture-of-experts tensors; never a router
+    (:mod:`prunewise.experts`)."""
+    from .experts import ExpertLinear, prepare, routers
+
+    prepare(block)
+    skip = routers(block)
+    return [(n, m) for n, m in block.named_modules()
+            if (isinstance(m, (nn.Linear, ExpertLinear)) or _is_conv1d(m)) and id(m) not in skip]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

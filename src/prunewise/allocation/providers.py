@@ -18,6 +18,7 @@ A new statistic is one function here (``calibration=True`` when it reads calibra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from ..blocks import BlockSource
 from ..engine import StatsCollector
 from ..errors import PrunewiseError
+from ..experts import ExpertLinear
 from ..models import weight_matrix
 from ..registry import Entry, Registry
 from ..statcache import cached, entry, fingerprint, model_fingerprint
@@ -36,6 +38,7 @@ from . import Profile
 from .esd import eigenvalues as _eigenvalues
 
 STATISTICS = Registry("statistic")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,9 +167,15 @@ def dense_input_norms(source: BlockSource, calib: torch.Tensor, *, batch_size: i
     def step(i, block, linears, hidden, calls):
         stats = {name: make_stats(("input_norm",), weight_matrix(m).shape[1]) for name, m in linears}
         hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
-        for name, st in stats.items():
+        for name, module in linears:
+            st = stats[name]
             if st.ntokens == 0:
-                raise RuntimeError(f"{name} received no calibration input")
+                if not isinstance(module, ExpertLinear):
+                    raise RuntimeError(f"{name} received no calibration input")
+                log.warning("%s: no calibration token was routed to this expert; its input norms are taken "
+                            "as ones (magnitude scores)", name)
+                norms[name] = torch.ones(st.in_features)
+                continue
             norms[name] = st.input_norm().cpu()
         return hidden
 
