@@ -98,6 +98,35 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny llama saved as a Hugging Face folder with the tokenizer (one per test module)."""
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "t.txt"
+    p.write_text(make_text(3000), encoding="utf-8")
+    return p
+
+
+def last_block_output(model, ids):
+    """The last decoder block's output in one full forward pass (what replay must reproduce)."""
+    from prunewise.models import find_blocks
+
+    _, blocks = find_blocks(model)
+    grabbed = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    return grabbed[0]
+
+
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "text.txt"

@@ -6,24 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_text, tiny_model
 from prunewise.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny") / "llama"
-    model = tiny_model("llama")
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "t.txt"
-    p.write_text(make_text(3000), encoding="utf-8")
-    return p
 
 
 def args_for(model_dir, text, out, *extra):

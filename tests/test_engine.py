@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import prunewise as pw
-from conftest import ARCHS, LINEARS_PER_BLOCK, tiny_model
+from conftest import ARCHS, LINEARS_PER_BLOCK, last_block_output, tiny_model
 from prunewise.blocks import replay
 from prunewise.errors import PrunewiseError
 from prunewise.models import block_linears, find_blocks, weight_matrix
@@ -22,15 +22,10 @@ def zeros_and_numel(model):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_replay_matches_full_forward(arch, calib):
     model = tiny_model(arch)
-    _, blocks = find_blocks(model)
-    grabbed = []
-    handle = blocks[-1].register_forward_hook(lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(input_ids=calib, use_cache=False)
-    handle.remove()
+    want = last_block_output(model, calib)
     got = replay(model, calib, batch_size=4)  # batches of 4 and 2: kwargs captured per batch
-    assert got.shape == grabbed[0].shape
-    assert torch.allclose(got, grabbed[0], atol=1e-5, rtol=1e-5)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,7 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import prunewise as pw
-from conftest import VOCAB
+from conftest import VOCAB, last_block_output
 from prunewise.blocks import BlockSource, replay
 from prunewise.experts import ExpertLinear
 from prunewise.io import mask_digest
@@ -72,16 +72,6 @@ def build(family: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
-
-
-def last_block_output(model, ids):
-    _, blocks = find_blocks(model)
-    grabbed = []
-    handle = blocks[-1].register_forward_hook(lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    handle.remove()
-    return grabbed[0]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

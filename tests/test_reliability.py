@@ -28,21 +28,6 @@ from prunewise.statcache import cached, entry, model_fingerprint
 from prunewise.sweep import Sweep, _locked, read_results, run_sweep
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("rel") / "model"
-    tiny_model("llama").save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("reltext") / "t.txt"
-    p.write_text(make_text(3000), encoding="utf-8")
-    return p
-
-
 def argv(model, text, *extra):
     return ["prune", "--model", str(model), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
             "--metric", "magnitude", "--sparsity", "0.5", "-q", *map(str, extra)]
