@@ -38,6 +38,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="run Python code shipped with the model (auto_map); off by default, never prompted")
 
 
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where runs execute: this process (default) or Ray workers (pip install 'prunewise[ray]')")
+    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU with --device cuda, else per "
+                   "--threads CPUs)")
+    p.add_argument("--address", help="a running Ray cluster ('auto' finds the local one; default: start one)")
+    p.add_argument("--threads", type=int, help="CPUs (and torch threads) per Ray worker (default 1)")
+
+
+def _executor_options(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("workers", "address", "threads") if getattr(args, k) is not None}
+
+
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", help="zero-shot lm-eval tasks, comma-separated, or a preset: paper (Wanda's 7), atp "
                    "(PIQA for RTE); e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
@@ -84,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", help=f"checkpoint format ({', '.join(EXPORTERS.names())}; "
                    "default safetensors)")
     p.add_argument("--dry-run", action="store_true", help="print the per-layer targets and exit without pruning")
+    _executor_args(p)
     _common(p)
 
     w = sub.add_parser("sweep", help="a grid of runs (lists where prune takes one value), resumable",
@@ -97,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--save", action="store_true", help="also save every pruned checkpoint under OUT/runs/")
     w.add_argument("--retry-failed", action="store_true", help="run failed runs again (default: keep their error)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
+    _executor_args(w)
     _common(w)
 
     r = sub.add_parser("report", help="report.md with tables and plots from a sweep or a folder of runs")
@@ -171,7 +186,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("no --out given: the pruned model will not be saved", flush=True)
     output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
                  progress=not args.quiet, dry_run=args.dry_run, format=args.format, on_preview=_print_preview,
-                 trust_remote_code=args.trust_remote_code, expect=expect)
+                 trust_remote_code=args.trust_remote_code, expect=expect, executor=args.executor,
+                 executor_options=_executor_options(args))
     rec = output.record
     if args.out is not None and not args.dry_run:
         save_profile_plot(rec, args.out)
@@ -291,7 +307,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs, {sum(run_key(c) in status for c in runs)} already in {args.out}")
         return 0
     summary = run_sweep(sweep, args.out, cache_dir=args.cache_dir, progress=not args.quiet, save=args.save,
-                        retry_failed=args.retry_failed, trust_remote_code=args.trust_remote_code)
+                        retry_failed=args.retry_failed, trust_remote_code=args.trust_remote_code,
+                        executor=args.executor, executor_options=_executor_options(args))
     print(f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
           f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}")
     print(f"report: prunewise report {summary.out}")

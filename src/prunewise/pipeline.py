@@ -68,13 +68,17 @@ def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: 
 
 def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
          calib: torch.Tensor | None = None, progress: bool = True,
-         dense_weights: dict[str, torch.Tensor] | None = None, model_key: str | None = None) -> Plan:
+         dense_weights: dict[str, torch.Tensor] | None = None, model_key: str | None = None,
+         executor: str = "local", executor_options: dict[str, Any] | None = None) -> Plan:
     """The per-layer sparsity targets of ``config`` for ``model`` and how they were found; the model
     is left as it was. Allocators that read calibration data (OWL, MRP with Wanda scores) need
     ``tokenizer`` or ``calib``; drivers that prune trial models (ATP's search) need ``tokenizer``
     for held-out text. ``dense_weights`` (a copy of the dense prunable weights, as a sweep keeps)
     is what trials restore from; without it the planner takes its own copy. ``model_key`` is the
-    model's fingerprint when the caller has it (:func:`prunewise.io.source_info`)."""
+    model's fingerprint when the caller has it (:func:`prunewise.io.source_info`). With
+    ``executor="ray"`` a driver's trials are scored in parallel on Ray workers that load
+    ``config.model`` themselves (:class:`prunewise.executors.RayTrials`, ``executor_options``:
+    workers, address, threads, trust_remote_code)."""
     config.validate()
     cache_dir = resolve_cache_dir(cache_dir)
     name, params = config.allocator_spec
@@ -85,11 +89,19 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
                              "(pass a tokenizer or calib)")
         calib = calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
     ctx = stat_context(model, config, cache_dir, calib, progress, model_key=model_key)
-    trials = None
+    trials = parallel = None
     if driver is not None:
         backup = dense_weights if dense_weights is not None else backup_weights(model, ctx.profile)
-        trials = _trials(model, tokenizer, config, calib, cache_dir, backup)
-    return planner.make_plan(ctx, name, params, config.target, trials)
+        if executor != "local":
+            from .executors import make_trials
+
+            parallel = make_trials(executor, config, cache_dir, model_key or ctx.fingerprint(), **(executor_options or {}))
+        trials = _trials(model, tokenizer, config, calib, cache_dir, backup, parallel)
+    try:
+        return planner.make_plan(ctx, name, params, config.target, trials)
+    finally:
+        if parallel is not None:
+            parallel.close()
 
 
 def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *,
@@ -102,7 +114,7 @@ def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None
 
 
 def _trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tensor | None, cache_dir: Path,
-            backup: dict[str, torch.Tensor]) -> planner.Trials:
+            backup: dict[str, torch.Tensor], parallel=None) -> planner.Trials:
     """The model operations an allocator driver may use: prune as the run will, score on held-out
     calibration windows, re-measure statistics, restore the dense weights."""
     name = config.allocator_spec[0]
@@ -137,7 +149,8 @@ def _trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tenso
         ctx = stat_context(model, config, cache_dir, calib, False, profile)
         profile.stats.update(provide(allocator_needs(config), ctx))
 
-    return planner.Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup))
+    return planner.Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup),
+                          parallel)
 
 
 def backup_weights(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
@@ -237,6 +250,7 @@ def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[s
 def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None,
                        cache_dir: Path, progress: bool = True, dense: bool = True, dry_run: bool = False,
                        dense_weights: dict[str, torch.Tensor] | None = None, model_key: str | None = None,
+                       executor: str = "local", executor_options: dict[str, Any] | None = None,
                        ) -> tuple[RunRecord, PruneResult | None]:
     """Plan, (evaluate dense,) prune in place and evaluate the pruned model; returns the run's
     record (without source, versions and totals, which the caller knows) and the engine's result.
@@ -245,7 +259,8 @@ def prune_and_evaluate(model: nn.Module, tokenizer, config: PruneConfig, *, cali
     model's fingerprint, when known."""
     record = RunRecord(config.to_dict())
     planned = plan(model, config, cache_dir, tokenizer=tokenizer, calib=calib, progress=progress,
-                   dense_weights=dense_weights, model_key=model_key)
+                   dense_weights=dense_weights, model_key=model_key, executor=executor,
+                   executor_options=executor_options)
     allocation = planned.allocation
     record.allocation = {"allocator": config.allocator, "wall_s": planned.wall_s,
                          "blocks": block_profile(planned.profile, allocation), **planned.details}
@@ -314,6 +329,8 @@ def run(
     on_preview: Callable[[list[Work]], None] | None = None,
     trust_remote_code: bool = False,
     expect: dict[str, Any] | None = None,
+    executor: str = "local",
+    executor_options: dict[str, Any] | None = None,
 ) -> RunOutput:
     """Load the model, prune it, evaluate dense and pruned (if ``eval_data`` / ``tasks``) and save
     to ``out`` with the exporter ``format``. A dry run stops after planning; ``on_preview`` is
@@ -338,7 +355,10 @@ def run(
     if dry_run and on_preview is not None:
         on_preview(preview(model, config, cache_dir, calib=calib, model_key=identity["fingerprint"]))
     record, result = prune_and_evaluate(model, tokenizer, config, calib=calib, cache_dir=cache_dir,
-                                        progress=progress, dry_run=dry_run, model_key=identity["fingerprint"])
+                                        progress=progress, dry_run=dry_run, model_key=identity["fingerprint"],
+                                        executor=executor,
+                                        executor_options={**(executor_options or {}),
+                                                          "trust_remote_code": trust_remote_code})
     record.source = identity
     record.versions = versions()
     record.timings["load_s"] = t_loaded - t_start

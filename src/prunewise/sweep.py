@@ -298,9 +298,10 @@ def _pending(sweep: Sweep, out: Path, retry_failed: bool) -> tuple[list[PruneCon
     return runs, skipped, done
 
 
-def _progress_line(i: int, n: int, config: PruneConfig, row: dict[str, Any], record: RunRecord) -> str:
+def _progress_line(i: int, n: int, config: PruneConfig, row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"[{i}/{n}] {label(config)}: FAILED {row['error']}"
+    record = RunRecord.from_dict(row)
     ppl = f"perplexity {record.pruned['ppl']:.3f}" if record.pruned else "no perplexity"
     acc = (record.zero_shot.get("pruned") or {}).get("average", {}).get("acc")
     acc_text = f", mean acc {acc:.4f}" if acc is not None else ""
@@ -308,11 +309,15 @@ def _progress_line(i: int, n: int, config: PruneConfig, row: dict[str, Any], rec
 
 
 def run_sweep(sweep: Sweep, out: Path, *, cache_dir: Path | None = None, progress: bool = True,
-              save: bool = False, retry_failed: bool = False, trust_remote_code: bool = False) -> SweepSummary:
-    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``. One sweep
-    at a time per folder (a lock); results of another model's weights in the folder are refused."""
+              save: bool = False, retry_failed: bool = False, trust_remote_code: bool = False,
+              executor: str = "local", executor_options: dict[str, Any] | None = None) -> SweepSummary:
+    """Run every configuration of ``sweep`` not yet finished in ``<out>/results.jsonl``, on
+    ``executor`` (:mod:`prunewise.executors`: ``local`` or ``ray`` with ``workers``, ``address``,
+    ``threads``). One sweep at a time per folder (a lock); results of another model's weights in
+    the folder are refused."""
     with _locked(Path(out)):
-        return _run_sweep(sweep, Path(out), cache_dir, progress, save, retry_failed, trust_remote_code)
+        return _run_sweep(sweep, Path(out), cache_dir, progress, save, retry_failed, trust_remote_code,
+                          executor, executor_options)
 
 
 LOCK = ".sweep.lock"
@@ -354,7 +359,7 @@ def _check_model(out: Path, source: dict[str, str]) -> None:
 
 
 def _run_sweep(sweep: Sweep, out: Path, cache_dir: Path | None, progress: bool, save: bool, retry_failed: bool,
-               trust_remote_code: bool) -> SweepSummary:
+               trust_remote_code: bool, executor: str, executor_options: dict[str, Any] | None) -> SweepSummary:
     t_start = time.perf_counter()
     runs, skipped, done = _pending(sweep, out, retry_failed)
     summary = SweepSummary(out, skipped_invalid=skipped)
@@ -364,23 +369,28 @@ def _run_sweep(sweep: Sweep, out: Path, cache_dir: Path | None, progress: bool, 
     dkey = dense_key(base)
     need_dense = (base.eval_data or base.tasks) and dkey not in done
     if todo or need_dense:
-        worker = SweepWorker(base, todo or [base], resolve_cache_dir(cache_dir), trust_remote_code)
-        _check_model(out, worker.source)
-        if need_dense:
-            row = worker.dense_row(dkey, progress)
-            _append(out / RESULTS, row)
-            if row["ppl"]:
-                tqdm.write(f"dense: perplexity {row['ppl']['ppl']:.3f}")
-        bar = tqdm(todo, desc="sweep", unit="run", disable=not progress)
-        for i, config in enumerate(bar, 1):
-            key = run_key(config)
-            bar.set_postfix_str(label(config))
-            row, record = worker.run(config, key, out / "runs" / _slug(config, key) if save else None)
-            _append(out / RESULTS, row)
-            summary.ran += row["status"] == "ok"
-            summary.failed += row["status"] != "ok"
-            tqdm.write(_progress_line(i, len(todo), config, row, record))
-        worker.close()
+        from .executors import make_executor
+
+        worker = make_executor(executor, base, todo or [base], resolve_cache_dir(cache_dir), trust_remote_code,
+                               **(executor_options or {}))
+        try:
+            _check_model(out, worker.source)
+            if need_dense:
+                row = worker.dense_row(dkey, progress)
+                _append(out / RESULTS, row)
+                if row["ppl"]:
+                    tqdm.write(f"dense: perplexity {row['ppl']['ppl']:.3f}")
+            items = [(c, run_key(c), out / "runs" / _slug(c, run_key(c)) if save else None) for c in todo]
+            bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
+            for i, (config, row) in enumerate(worker.runs(items), 1):  # in the order they finish
+                _append(out / RESULTS, row)
+                bar.update()
+                summary.ran += row["status"] == "ok"
+                summary.failed += row["status"] != "ok"
+                tqdm.write(_progress_line(i, len(todo), config, row))
+            bar.close()
+        finally:
+            worker.close()
     summary.wall_s = time.perf_counter() - t_start
     return summary
 

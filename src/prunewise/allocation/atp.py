@@ -38,8 +38,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm.auto import tqdm
-
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, Range
 from . import Profile, check_allocation, mixed_nm
@@ -96,17 +94,12 @@ def search(profile: Profile, sparsity: float, trials, *, progress: bool = True, 
     always scored, so the search never does worse than uniform on the held-out text.
     """
     grid = [0.0] + beta_grid(profile, sparsity, step)
-    curve = []
     start = time.perf_counter()
-    bar = tqdm(grid, desc="atp search", unit="trial", disable=not progress)
-    for b in bar:
-        allocation = allocate(profile, sparsity, beta=b, step=step, heldout=heldout)
+    allocations = [allocate(profile, sparsity, beta=b, step=step, heldout=heldout) for b in grid]
+    for allocation in allocations:
         check_allocation("atp", profile, allocation, sparsity)
-        trials.prune(allocation)
-        ppl = trials.perplexity(heldout)
-        curve.append({"beta": b, "ppl": ppl})
-        bar.set_postfix(beta=f"{b:.4f}", ppl=f"{ppl:.3f}")
-        trials.restore()
+    ppls = trials.score(allocations, heldout, progress)  # one trial per beta, in parallel on an executor
+    curve = [{"beta": b, "ppl": ppl} for b, ppl in zip(grid, ppls)]
     best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
     log.info("atp: beta=%g chosen (held-out ppl %.3f over %d trials)", best["beta"], best["ppl"], len(curve))
     record = {

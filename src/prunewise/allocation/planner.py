@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..models import weight_matrix
 from ..registry import ALLOCATORS
 from . import LayerInfo, Profile, check_allocation
@@ -39,13 +41,26 @@ class Trials:
     ``perplexity(windows)`` scores the current model on that many held-out windows of the
     calibration text (never the evaluation text); ``heldout(windows)`` describes those windows for
     the record; ``remeasure(profile)`` refills the profile's statistics from the current model;
-    ``restore()`` gives the dense weights back."""
+    ``restore()`` gives the dense weights back; :meth:`score` scores many allocations at once, on
+    an executor's workers when ``parallel`` is given (``prunewise prune --executor ray``)."""
 
     prune: Callable[[dict[str, float]], None]
     perplexity: Callable[[int], float]
     heldout: Callable[[int], dict[str, Any]]
     remeasure: Callable[[Profile], None]
     restore: Callable[[], None]
+    parallel: Callable[[list[dict[str, float]], int], list[float]] | None = None
+
+    def score(self, allocations: list[dict[str, float]], windows: int, progress: bool = True) -> list[float]:
+        """Held-out perplexity of the model pruned with each allocation; the model is dense after."""
+        if self.parallel is not None:
+            return self.parallel(allocations, windows)
+        out = []
+        for allocation in tqdm(allocations, desc="trials", unit="trial", disable=not progress):
+            self.prune(allocation)
+            out.append(self.perplexity(windows))
+            self.restore()
+        return out
 
 
 def build_profile(source) -> Profile:
