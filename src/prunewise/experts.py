@@ -116,13 +116,17 @@ def routed(block: nn.Module) -> Iterator[None]:
     """Run the fused experts of ``block`` through :func:`routed_forward` for the duration."""
     prepare(block)
     fused = [m for m in block.modules() if hasattr(m, "gate_up") and is_fused(m)]
+    before = [m.__dict__.get("forward") for m in fused]  # a forward set on the instance (hooks) stays
     for m in fused:
         m.forward = _checked(m)
     try:
         yield
     finally:
-        for m in fused:
-            del m.forward  # back to the class's own forward
+        for m, forward in zip(fused, before):
+            if forward is None:
+                del m.forward  # back to the class's own forward
+            else:
+                m.forward = forward
 
 
 def _checked(module: nn.Module):
