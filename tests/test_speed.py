@@ -51,3 +51,11 @@ def test_decode_step_uses_the_cache_and_matches_a_full_forward():
 def test_2_4_detection():
     w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
     assert is_2_4(w) and not is_2_4(torch.ones(1, 8)) and not is_2_4(torch.zeros(1, 6))
+
+
+def test_speed_arguments_are_checked_in_one_line(tmp_path, capsys):
+    for flags, message in ((["--shapes", "1x128,512"], "expected BATCHxLENGTH"), (["--shapes", "ax1"], "cannot read"),
+                           (["--decode", "0"], "positive integers"), (["--repeat", "0"], "repeat: must be at least 1")):
+        assert main(["speed", "--model", str(tmp_path / "none"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -247,10 +247,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str, what: str, sep: str = ",") -> list:
+def _ints(text: str, what: str) -> list:
+    """Comma-separated positive integers, or ``AxB`` pairs of them."""
     try:
         values = [tuple(int(v) for v in item.split("x")) if "x" in item else int(item)
-                  for item in text.split(sep) if item.strip()]
+                  for item in text.split(",") if item.strip()]
     except ValueError:
         raise PrunewiseError(f"{what}: cannot read '{text}'") from None
     if not values or any(v < 1 for item in values for v in (item if isinstance(item, tuple) else (item,))):
@@ -271,6 +272,9 @@ def cmd_speed(args: argparse.Namespace) -> int:
     if any(not isinstance(s, tuple) or len(s) != 2 for s in shapes):
         raise PrunewiseError(f"shapes: expected BATCHxLENGTH items, got '{args.shapes}'")
     batches = _ints(args.decode, "decode")
+    for name in ("steps", "tokens", "repeat"):
+        if getattr(args, name) < 1:
+            raise PrunewiseError(f"{name}: must be at least 1, got {getattr(args, name)}")
     device = args.device or default_device()
     PruneConfig(device=device).validate()  # cuda available?
     cache_dir = resolve_cache_dir(args.cache_dir)
