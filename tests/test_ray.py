@@ -90,6 +90,12 @@ def test_atp_search_trials_in_parallel_choose_as_the_local_search(cluster, base,
     assert [c["ppl"] for c in remote["curve"]] == pytest.approx([c["ppl"] for c in local["curve"]], rel=1e-6)
 
 
+def test_a_model_that_does_not_load_on_the_workers_is_one_line(cluster, base, tmp_path):
+    bad = base.replace(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(PrunewiseError, match="executor ray: a worker could not start: .*no such"):
+        run_sweep(grid(bad), tmp_path / "s", progress=False, executor="ray", executor_options={"workers": 1})
+
+
 def test_ray_missing_is_one_clear_line(monkeypatch):
     from prunewise.executors import require_ray
 

@@ -124,7 +124,11 @@ class RayExecutor(_Pool):
                  workers: int | None = None, address: str | None = None, threads: int | None = None):
         super().__init__(_RayWorker, (base.to_dict(), [c.to_dict() for c in todo], str(cache_dir), trust_remote_code,
                                       threads), base.device, workers, address, threads)
-        self.source = self.ray.get(self.actors[0].source.remote())
+        try:
+            self.source = self.ray.get(self.actors[0].source.remote())
+        except self.ray.exceptions.RayError as exc:  # the model did not load there: one line, as locally
+            self.close()
+            raise PrunewiseError(f"executor ray: a worker could not start: {_cause(exc)}") from None
 
     def dense_row(self, key: str, progress: bool) -> dict[str, Any]:
         return self.ray.get(self.actors[0].dense_row.remote(key))
@@ -199,6 +203,13 @@ class RayTrials(_Pool):
     def __call__(self, allocations: list[dict[str, float]], windows: int) -> list[float]:
         refs = [self.actors[i % len(self.actors)].score.remote(a, windows) for i, a in enumerate(allocations)]
         return self.ray.get(refs)
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of a Ray error that names the worker's own exception (``PrunewiseError: ...``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "Error:" in line and not line.startswith(("ray.", "File "))]
+    return (named[-1] if named else _first_line(exc))[:300]
 
 
 def _first_line(exc: BaseException) -> str:
