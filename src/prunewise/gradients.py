@@ -20,7 +20,7 @@ It keeps every ``.grad`` of the model alive, then copies them into fp16/fp32 CPU
   exist at a time and only that block is on the device — any architecture, and the model stays
   in eval mode (no dropout);
 - the result is cached under ``<cache>/gradients/<sha256 of all parameters, calibration ids, norm,
-  scale, blocks path>.pt``, so every later prune, allocator search or sweep reuses it.
+  scale, blocks path>.safetensors``, so every later prune, allocator search or sweep reuses it.
 
 Deviations from reference: gradients are computed in the model's dtype and accumulated in float32
 (the reference computes in fp16 and stores the l1 sum in fp16); the model stays in eval mode
