@@ -65,8 +65,6 @@ STATS = ("static", "dynamic")
 
 
 def score_kind(score: str, metric: str) -> str:
-    if score not in SCORES:
-        raise ConfigError(f"mrp: score must be one of {', '.join(SCORES)}, got '{score}'")
     if score != "auto":
         return score
     return "magnitude" if metric == "magnitude" else "wanda"
@@ -117,8 +115,6 @@ def _summary(profile: Profile, names: list[str], kind: str, m: float, threshold:
 
 
 def _units(profile: Profile, granularity: str) -> list[tuple[list[str], int]]:
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"mrp: granularity must be block or matrix, got '{granularity}'")
     if granularity == "matrix":
         return [([x.name], x.numel) for x in profile.layers]
     units: list[tuple[list[str], int]] = [([], 0) for _ in range(profile.num_blocks)]
@@ -135,11 +131,12 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
 
 
 def validate(profile: Profile, sparsity: float, *, m: float, step: float, start: float | str, threshold: str,
-             stats: str, rounds: int, max_sparsity: float, **_: object) -> float:
+             stats: str, rounds: int, max_sparsity: float, score: str = "auto", granularity: str = "block",
+             **_: object) -> float:
     """Check the hyper-parameters (those that depend on the target here, the rest by the registry's
     rules); return the starting sparsity."""
     ALLOCATORS.get("mrp").check({"m": m, "step": step, "threshold": threshold, "stats": stats, "rounds": rounds,
-                                 "max_sparsity": max_sparsity})
+                                 "max_sparsity": max_sparsity, "score": score, "granularity": granularity})
     if start == "auto":
         start = max(sparsity - 0.1, 0.0)
     if isinstance(start, str) or not 0 <= start <= sparsity:
@@ -155,7 +152,7 @@ def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, 
     """The greedy loop from ``levels`` (per layer; ``None``: every unit at ``start``) up to ``sparsity``,
     with the scores in ``profile`` (dense, or those of the current sparse model)."""
     first = validate(profile, sparsity, m=m, step=step, start=start, threshold=threshold, stats=stats, rounds=rounds,
-                     max_sparsity=max_sparsity)
+                     max_sparsity=max_sparsity, score=score, granularity=granularity)
     kind = score_kind(score, profile.metric)
     units = _units(profile, granularity)
     summaries = [_summary(profile, names, kind, m, threshold) for names, _ in units]
