@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .experts import routed
-from .models import block_linears, find_blocks
+from .models import block_linears, find_blocks, weight_matrix
 
 
 class Stop(Exception):
@@ -105,6 +105,8 @@ class _Stand(nn.Module):
 class BlockSource:
     """The decoder blocks of a model held in memory, each moved to ``device`` for its turn."""
 
+    streamed = False  # whether each block's turn reads it from disk (walks should be few)
+
     def __init__(self, model: nn.Module, blocks_path: str | None = None, device: str | torch.device = "cpu"):
         self.model = model
         self.path, self.blocks = find_blocks(model, blocks_path)
@@ -123,9 +125,19 @@ class BlockSource:
             for name, module in self.linears(i):
                 yield i, name, module
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight ``[C_out, C_in]`` of linear layer ``name`` (a view of the model's own tensor)."""
+        return weight_matrix(self.model.get_submodule(name))
+
     @contextlib.contextmanager
-    def block(self, i: int) -> Iterator[nn.Module]:
-        """Block ``i`` on the device for the duration."""
+    def rewriting(self) -> Iterator[None]:
+        """Where the blocks a walk changes are kept: in memory, the model itself (nothing to do)."""
+        yield
+
+    @contextlib.contextmanager
+    def block(self, i: int, upcoming: int | None = None) -> Iterator[nn.Module]:
+        """Block ``i`` on the device for the duration (``upcoming``: the block the walk takes next,
+        which a source reading from disk fetches meanwhile)."""
         block = self.blocks[i]
         home = next(block.parameters()).device
         block.to(self.device)
@@ -231,9 +243,9 @@ class BlockSource:
              progress: bool = False) -> Iterator[tuple[int, nn.Module, list[tuple[str, nn.Module]]]]:
         """``(index, block on the device, its linear layers)`` for every block, first to last (or
         last to first: a backward pass), each taken back when the next is asked for."""
-        order = range(len(self) - 1, -1, -1) if reverse else range(len(self))
-        for i in tqdm(order, desc=desc, unit="block", disable=not progress):
-            with self.block(i) as block:
+        order = list(range(len(self) - 1, -1, -1) if reverse else range(len(self)))
+        for k, i in enumerate(tqdm(order, desc=desc, unit="block", disable=not progress)):
+            with self.block(i, order[k + 1] if k + 1 < len(order) else None) as block:
                 yield i, block, self.linears(i, block)
 
     def walk(self, step: Step, inputs: Inputs | None, *, desc: str, progress: bool = True) -> list[torch.Tensor] | None:
@@ -260,6 +272,16 @@ class BlockSource:
             return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
 
+def make_source(model: nn.Module, blocks_path: str | None = None, device: str | torch.device = "cpu") -> BlockSource:
+    """The block source of ``model``: its blocks in memory, or read from its checkpoint when the
+    model is streamed (:mod:`prunewise.streaming`)."""
+    if getattr(model, "_prunewise_stream", None) is not None:
+        from .streaming import StreamedSource
+
+        return StreamedSource(model, blocks_path, device)
+    return BlockSource(model, blocks_path, device)
+
+
 def replay_step(i, block, linears, hidden, calls):
     """A step that only runs the block (dense propagation)."""
     return run_block(block, hidden, calls)
@@ -273,5 +295,5 @@ def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1, device: 
     Equal to the full forward pass's last-block output: the check that capture and per-block
     propagation lose nothing (masks, position embeddings, per-block arguments).
     """
-    source = BlockSource(model, blocks_path, device)
+    source = make_source(model, blocks_path, device)
     return torch.cat(source.walk(replay_step, source.capture(ids, batch_size), desc="replay", progress=False))

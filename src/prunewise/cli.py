@@ -19,6 +19,7 @@ from .allocation.providers import STATISTICS
 from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
 from .errors import PrunewiseError
 from .export import EXPORTERS
+from .memory import STREAM_CHOICES
 from .record import RECORD, RunRecord
 from .registry import ALLOCATORS, METRICS
 from .tables import block_table, layer_table, ppl_table, zero_shot_columns
@@ -76,6 +77,9 @@ def _run_args(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, help=f"windows per forward pass (default {d.batch_size})")
     p.add_argument("--device", help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default auto: as stored; fp32 for GGUF)")
+    p.add_argument("--stream", choices=STREAM_CHOICES, help="read each decoder block from the checkpoint when its "
+                   "turn comes (on), load the model whole (off), or stream when it would not fit in memory "
+                   "(auto, default)")
     p.add_argument("--blocks-path", dest="blocks_path", help="dotted path of the decoder-block ModuleList, e.g. model.layers")
     p.add_argument("--eval-data", dest="eval_data", help="evaluate dense and pruned perplexity on: wiki, file:PATH, wikitext2, c4")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity (e.g. when rerunning a record that had --eval-data)")
@@ -201,6 +205,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         layers = rec.allocation["layers"]
         print(f"allocation '{config.allocator}' at target {config.target:g} ({len(layers)} layers):")
         print(block_table(layers))
+        print(_memory_line(rec.memory))
         return 0
     pr = rec.pruning
     if args.verbose:
@@ -211,13 +216,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     parts = [f"{label} {t[key]:.1f} s" for label, key in TIMED if key in t]
     print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
           f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}); {rec.wall_s:.1f} s in all "
-          f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB")
+          f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB "
+          f"({'streamed' if rec.memory.get('mode') == 'stream' else 'in memory'}, "
+          f"estimated {rec.memory.get('estimated_host_gb', 0):.2f} GB)")
     if rec.dense:
         print(ppl_table([("dense", rec.dense), (f"pruned ({config.metric})", rec.pruned)]))
     if rec.zero_shot:
         print(zero_shot_columns([("dense", rec.zero_shot["dense"]), ("pruned", rec.zero_shot["pruned"])]))
     print(f"saved to {args.out}" if args.out is not None else "not saved (no --out given)")
     return 0
+
+
+def _memory_line(memory: dict) -> str:
+    """A dry run's memory estimate: the mode and the peaks (:mod:`prunewise.memory`)."""
+    mode = "streamed from the checkpoint" if memory["mode"] == "stream" else "held in memory"
+    avail = memory.get("available_host_gb")
+    line = (f"memory: the model will be {mode}; estimated peak host memory {memory['estimated_host_gb']:.2f} GB "
+            f"(whole model in memory {memory['weights_gb']:.2f} GB of weights; available "
+            f"{'unknown' if avail is None else f'{avail:.2f} GB'})")
+    if memory.get("estimated_device_gb") is not None:
+        line += f", device {memory['estimated_device_gb']:.2f} GB"
+    return line
 
 
 def _print_preview(works) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .masks import Pattern, parse_pattern
+from .memory import STREAM_CHOICES
 from .models import DTYPES as TORCH_DTYPES
 from .registry import ALLOCATORS, METRICS, parse_spec
 
@@ -57,6 +58,9 @@ class PruneConfig:
     ``tasks`` (comma-separated lm-eval task names or a preset, ``paper`` / ``atp``) adds zero-shot
     accuracy of the dense and pruned model; ``include_path`` is a folder of local lm-eval task
     YAML files and ``limit`` caps the examples per task (an integer, or a fraction below 1).
+    ``stream`` places the model: ``on`` reads each decoder block from the checkpoint when its
+    turn comes (:mod:`prunewise.streaming`), ``off`` loads it whole, ``auto`` streams when the
+    run's estimated memory does not fit (:mod:`prunewise.memory`); results are the same.
     """
 
     model: str = "smollm2-135m"
@@ -73,6 +77,7 @@ class PruneConfig:
     batch_size: int = 1
     device: str = dataclasses.field(default_factory=lambda: default_device())
     dtype: str = "auto"
+    stream: str = "auto"
     blocks_path: str | None = None
     eval_data: str | None = None
     eval_seqlen: int | None = None
@@ -112,7 +117,8 @@ class PruneConfig:
             if not cond:
                 raise ConfigError(f"{field}: {msg}")
 
-        for field in ("model", "metric", "allocator", "pattern", "calib", "mode", "propagate", "device", "dtype"):
+        for field in ("model", "metric", "allocator", "pattern", "calib", "mode", "propagate", "device", "dtype",
+                      "stream"):
             value = getattr(self, field)
             need(isinstance(value, str), field, f"must be a string, got {value!r}")
         for field in ("blocks_path", "eval_data", "include_path", "tasks"):
@@ -148,6 +154,7 @@ class PruneConfig:
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.propagate in PROPAGATE, "propagate", f"must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.stream in STREAM_CHOICES, "stream", f"must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}")
         need(
             self.device == "cpu" or self.device.startswith("cuda"),
             "device",

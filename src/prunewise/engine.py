@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockSource, Call, Stop, run_block
+from .blocks import BlockSource, Call, Stop, make_source, run_block
 from .config import MODES, PROPAGATE
 from .experts import ExpertLinear
 from .masks import Pattern, make_mask
@@ -223,7 +223,8 @@ def prune_blocks(source: BlockSource, calib: torch.Tensor | None, opts: PruneOpt
         inputs = source.capture(calib, calib.shape[0] if single else opts.batch_size)
         timings["capture_s"] = time.perf_counter() - t0
         step = pruner.single_pass if single else pruner.two_pass
-    source.walk(step, inputs, desc=f"{opts.metric.name} {opts.mode}", progress=progress)
+    with source.rewriting():  # a model streamed from disk gets its pruned blocks written as they finish
+        source.walk(step, inputs, desc=f"{opts.metric.name} {opts.mode}", progress=progress)
     results = [LayerResult(name, i, tuple(weight_matrix(m).shape), opts.allocation[name], pruner.zeros[name])
                for i, name, m in source.all_linears()]
     timings["total_s"] = time.perf_counter() - start
@@ -239,7 +240,7 @@ def prune_model(model: nn.Module, calib: torch.Tensor | None, *, metric: str, me
     ``grads`` holds the gradient statistic of every layer for metrics that need ``grad`` (GBLM)."""
     entry = METRICS.get(metric)
     opts = PruneOptions(entry, entry.bind(metric_params or {}), allocation, pattern, mode, propagate, batch_size, grads)
-    return prune_blocks(BlockSource(model, blocks_path, device), calib, opts, progress)
+    return prune_blocks(make_source(model, blocks_path, device), calib, opts, progress)
 
 
 class StatsCollector:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockSource, Inputs, replay_step
+from .blocks import Inputs, make_source, replay_step
 from .data import load_text, tokenize
 from .errors import PrunewiseError
 
@@ -86,30 +86,48 @@ def perplexity(
     # Through the block loop: one block at a time on the device, logits from the model's own head.
     # Every window is captured once; ``chunk`` windows walk the blocks together (default one batch:
     # the lowest peak memory on CPU); a source that reads blocks from disk wants larger chunks.
-    source = BlockSource(model, blocks_path, device)
+    source = make_source(model, blocks_path, device)
     bar = tqdm(total=nwin, desc="perplexity", unit="window", disable=not progress)
     inputs = source.capture(windows, batch_size)
     batches = list(windows.split(batch_size))
     per = max((chunk or batch_size) // batch_size, 1)  # batches that walk the blocks together
+    if chunk is None and source.streamed:  # every block read once: all windows walk together
+        per = len(batches)
     losses = []
     for k in range(0, len(batches), per):
         part = Inputs(inputs.hidden[k:k + per], [calls[k:k + per] for calls in inputs.calls], inputs.as_tuple)
         hidden = source.walk(replay_step, part, desc="perplexity", progress=False)
         for j, batch in enumerate(batches[k:k + per]):
-            batch = batch.to(source.device)
-            logits = source.logits(hidden[j], batch, inputs.as_tuple)
+            losses.append(window_losses(source, hidden[j], batch.to(source.device), bool(inputs.as_tuple)))
             hidden[j] = None
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
-            )
-            losses.append(loss.view(batch.shape[0], -1).mean(1).double().cpu())
-            del logits
             bar.update(batch.shape[0])
         for b in range(k, min(k + per, len(batches))):
             inputs.hidden[b] = None
     bar.close()
     mean = torch.cat(losses).mean().item()
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
+
+
+LOGIT_BYTES = 1 << 28  # float32 logits alive at once: a 128k vocabulary never has a whole window's
+
+
+def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window of ``ids`` ([b, t]) from the last block's outputs
+    ``hidden``, through the model's head a few positions at a time (at most :data:`LOGIT_BYTES` of
+    logits), float64 on the CPU."""
+    b, t = ids.shape
+    head = source.model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else source.model.config.vocab_size
+    step = max(1, LOGIT_BYTES // (4 * b * vocab))
+    total = torch.zeros(b, dtype=torch.float64)
+    for s in range(0, t - 1, step):
+        n = min(s + step, t - 1) - s
+        logits = source.logits(hidden[:, s:s + n], ids[:, s:s + n], as_tuple)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, s + 1:s + 1 + n].reshape(-1),
+                               reduction="none")
+        total += loss.view(b, n).double().sum(1).cpu()
+        del logits
+    return total / (t - 1)
 
 
 def evaluate(

@@ -168,7 +168,7 @@ class _RayTrialWorker:
         import torch
 
         from .allocation.planner import build_profile
-        from .blocks import BlockSource
+        from .blocks import make_source
         from .data import calibration_ids
         from .io import check_same_model, source_info
         from .models import load_model
@@ -181,7 +181,7 @@ class _RayTrialWorker:
         check_same_model({"fingerprint": fingerprint, "path": cfg.model}, source_info(model, source), "the search")
         calib = (calibration_ids(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, Path(cache_dir))
                  if needs_calibration(cfg) else None)
-        backup = backup_weights(model, build_profile(BlockSource(model, cfg.blocks_path)))
+        backup = backup_weights(model, build_profile(make_source(model, cfg.blocks_path)))
         self.trials = _trials(model, tok, cfg, calib, Path(cache_dir), backup)
 
     def score(self, allocation: dict[str, float], windows: int) -> float:

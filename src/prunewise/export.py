@@ -19,6 +19,11 @@ EXPORTERS = Registry("format")
 @EXPORTERS.register("safetensors", summary="dense safetensors checkpoint + tokenizer, in the model's dtype; "
                     "loads with AutoModelForCausalLM.from_pretrained")
 def safetensors(model: nn.Module, tokenizer, folder: Path) -> None:
+    from .streaming import export, stream_of
+
+    if stream_of(model) is not None:  # its checkpoint is already on disk: moved (or copied) into place
+        export(model, tokenizer, folder)
+        return
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

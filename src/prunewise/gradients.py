@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockSource, first, run_block
+from .blocks import BlockSource, first, make_source, run_block
 from .errors import PrunewiseError
 from .experts import ExpertLinear
 from .models import _is_conv1d, weight_matrix
@@ -204,7 +204,7 @@ def collect_gradients(
     """
     if norm not in NORMS:
         raise PrunewiseError(f"gblm: norm must be l1 or l2, got '{norm}'")
-    source = BlockSource(model, blocks_path, device)
+    source = make_source(model, blocks_path, device)
     modules = {name: m for _, name, m in source.all_linears()}
     _check_backward({name: m.weight for name, m in modules.items()})
     need = _check_memory(source, calib.shape[1], checkpointing, available)

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_folder
-from .blocks import BlockSource
+from .blocks import make_source
 from .errors import PrunewiseError
 from .export import EXPORTERS
-from .models import weight_matrix
 from .record import RECORD, RunRecord
 
 
@@ -70,8 +69,9 @@ def peak_memory() -> dict[str, float]:
 def mask_digest(model: nn.Module, blocks_path: str | None = None) -> str:
     """SHA-256 of the zero pattern of every prunable weight, in module order."""
     h = hashlib.sha256()
-    for _, name, module in BlockSource(model, blocks_path).all_linears():
-        zeros = (weight_matrix(module) == 0).cpu().contiguous()
+    source = make_source(model, blocks_path)
+    for _, name, _ in source.all_linears():
+        zeros = (source.weight(name) == 0).cpu().contiguous()
         h.update(f"{name}:{tuple(zeros.shape)}".encode())
         h.update(zeros.numpy().tobytes())
     return h.hexdigest()
@@ -129,4 +129,7 @@ def save_run(model: nn.Module, tokenizer, out: Path, record: RunRecord, overwrit
     with atomic_folder(out, replace=overwrite) as tmp:
         exporter.fn(model, tokenizer, tmp)
         record.write(tmp / RECORD)
+    stream = getattr(model, "_prunewise_stream", None)
+    if stream is not None and stream.current.folder == tmp:  # a streamed model's checkpoint now lives in out
+        stream.point(out, owned=False)
     return out

@@ -100,11 +100,27 @@ def bundled_model_dir(name: str, cache_dir: Path) -> Path:
     return target
 
 
-def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *, trust_remote_code: bool = False):
+def model_folder(spec: str, cache_dir: Path) -> Path | None:
+    """The local Hugging Face folder ``spec`` names (a bundled model: its converted folder), or None
+    (a .gguf file, a hub id)."""
+    key = spec.strip()
+    if key.lower() in BUNDLED:
+        return bundled_model_dir(key.lower(), cache_dir)
+    path = Path(key).expanduser()
+    if not key.endswith(".gguf") and (path / "config.json").is_file():
+        return path
+    return None
+
+
+def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *, trust_remote_code: bool = False,
+               stream: bool = False, blocks_path: str | None = None, scratch_root: Path | None = None):
     """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``.
 
     Python code shipped with a model (``auto_map`` in its config) never runs, and transformers
-    never prompts, unless ``trust_remote_code`` is true (``--trust-remote-code``)."""
+    never prompts, unless ``trust_remote_code`` is true (``--trust-remote-code``). With ``stream``
+    the decoder blocks stay in the checkpoint and are read when their turn comes
+    (:func:`prunewise.streaming.load_skeleton`; scratch checkpoints of pruned blocks go under
+    ``scratch_root``)."""
     trust = bool(trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,6 +130,8 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *,
     torch_dtype = DTYPES.get(dtype, "auto")
     key = spec.strip()
     path = Path(key).expanduser()
+    if stream:
+        return _load_streamed(key, dtype, cache_dir, trust, blocks_path, scratch_root)
     if key.lower() in BUNDLED:
         folder = bundled_model_dir(key.lower(), cache_dir)
         source = ModelSource(key.lower(), "bundled", str(folder))
@@ -149,6 +167,29 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *,
         source = ModelSource(key, "hub", key)
     model.eval()
     model.config.use_cache = False
+    return model, tokenizer, source
+
+
+def _load_streamed(key: str, dtype: str, cache_dir: Path, trust: bool, blocks_path: str | None,
+                   scratch_root: Path | None):
+    from transformers import AutoTokenizer
+
+    from .streaming import load_skeleton
+
+    folder = model_folder(key, cache_dir)
+    if folder is None:
+        raise PrunewiseError(f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
+                             "with save_pretrained first, or use --stream off)")
+    bundled = key.lower() in BUNDLED
+    torch_dtype = DTYPES.get(dtype, torch.float32 if bundled else "auto")
+    model = load_skeleton(folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust,
+                          scratch_root=scratch_root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as exc:
+        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {_why(exc)}") from None
+    source = ModelSource(key.lower(), "bundled", str(folder)) if bundled else \
+        ModelSource(key, "folder", str(folder.resolve()))
     return model, tokenizer, source
 
 

@@ -17,9 +17,9 @@ from .allocation.planner import Plan, build_profile
 from .allocation.preview import Work
 from .allocation.preview import preview as plan_preview
 from .allocation.providers import StatContext, provide, reads_calibration
-from .blocks import BlockSource
+from .blocks import make_source
 from .config import PruneConfig, default_device, resolve_cache_dir
-from .data import calibration_ids, heldout_ids
+from .data import calibration_ids, heldout_ids, load_text, tokenize
 from .engine import PruneOptions, PruneResult, prune_blocks
 from .errors import ConfigError, PrunewiseError
 from .evaluate import check_tasks, evaluate, needs_bos, perplexity, zero_shot
@@ -33,9 +33,11 @@ from .io import (
     source_info,
     versions,
 )
-from .models import load_model, max_context, weight_matrix
+from .memory import Estimate, estimate
+from .models import load_model, max_context, model_folder, weight_matrix
 from .record import RECORD, RunRecord
 from .registry import METRICS
+from .streaming import stream_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def needs_calibration(config: PruneConfig) -> bool:
 def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: torch.Tensor | None,
                  progress: bool, profile: Profile | None = None, model_key: str | None = None) -> StatContext:
     """What statistic providers read for this run (the model as a block source, calibration ids, cache)."""
-    source = BlockSource(model, config.blocks_path, config.device)
+    source = make_source(model, config.blocks_path, config.device)
     metric, params = config.metric_spec
     if profile is None:
         profile = build_profile(source)
@@ -154,12 +156,21 @@ def _trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tenso
 
 
 def backup_weights(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
-    """A copy of the prunable weights, for drivers that prune trial models and must give the dense one back."""
+    """A copy of the prunable weights, for drivers that prune trial models and must give the dense
+    one back; a streamed model needs none (its dense checkpoint is the copy): ``{}``."""
+    if stream_of(model) is not None:
+        return {}
     return {x.name: weight_matrix(model.get_submodule(x.name)).detach().clone() for x in profile.layers}
 
 
 @torch.no_grad()
 def restore_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The dense weights back: copied from ``weights``, or for a streamed model by streaming from
+    its dense checkpoint again."""
+    stream = stream_of(model)
+    if stream is not None:
+        stream.restore()
+        return
     for name, w in weights.items():
         weight_matrix(model.get_submodule(name)).copy_(w)
 
@@ -203,10 +214,14 @@ def prune(
         grad_s = time.perf_counter() - t0
     opts = PruneOptions(entry, params, allocation, config.pattern_obj, config.mode, config.propagate,
                         config.batch_size, grads)
-    result = prune_blocks(BlockSource(model, config.blocks_path, config.device), calib, opts, progress)
+    result = prune_blocks(make_source(model, config.blocks_path, config.device), calib, opts, progress)
     if grads is not None:
         result.timings["gradients_s"] = grad_s
     return result
+
+
+def _model_gb(model: nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
 
 
 def _zero_shot_on(model: nn.Module, tokenizer, config: PruneConfig, progress: bool) -> dict:
@@ -307,8 +322,53 @@ def _pruning_section(model: nn.Module, config: PruneConfig, result: PruneResult,
     }
 
 
+def eval_tokens(tokenizer, config: PruneConfig, cache_dir: Path) -> int:
+    """Tokens the run's perplexity evaluation reads (0 without ``eval_data``)."""
+    if not config.eval_data:
+        return 0
+    n = tokenize(tokenizer, load_text(config.eval_data, "evaluation").text, cache_dir).numel()
+    return min(n, config.max_tokens) if config.max_tokens else n
+
+
+def placement_of(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, stream: str) -> Estimate:
+    """The run's estimated peak memory over ``model`` and the mode ``stream`` resolves to."""
+    eval_seqlen = config.eval_seqlen or config.seqlen
+    return estimate(model, windows=config.nsamples if needs_calibration(config) else 0, seqlen=config.seqlen,
+                    batch_size=config.batch_size, hessians="hessian" in METRICS.get(config.metric_spec[0]).needs,
+                    eval_windows=eval_tokens(tokenizer, config, cache_dir) // eval_seqlen, eval_seqlen=eval_seqlen,
+                    device=config.device, blocks_path=config.blocks_path, stream=stream)
+
+
+def load_placed(config: PruneConfig, cache_dir: Path, trust_remote_code: bool = False,
+                scratch: Path | None = None) -> tuple[nn.Module, Any, Any, Estimate]:
+    """``(model, tokenizer, source, placement)``: the model streamed from its checkpoint or loaded
+    whole, as ``config.stream`` says (``auto``: streamed when the in-memory estimate does not fit
+    in the memory this process may use, cgroup limits included). Only local safetensors folders
+    stream; anything else loads whole."""
+    folder = model_folder(config.model, cache_dir)
+    if config.stream == "on" and folder is None:
+        raise PrunewiseError(f"stream: --stream on reads a local safetensors folder; '{config.model}' is not one")
+    if config.stream != "off" and folder is not None:
+        model, tok, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code,
+                                        stream=True, blocks_path=config.blocks_path, scratch_root=scratch)
+        placement = placement_of(model, tok, config, cache_dir, config.stream)
+        if placement.mode == "stream":
+            log.info("streaming %s: estimated peak %.2f GB on the host (%.2f GB loaded whole)", config.model,
+                     placement.host_stream / 1e9, placement.host_memory / 1e9)
+            return model, tok, source, placement
+        del model
+    model, tok, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code)
+    return model, tok, source, placement_of(model, tok, config, cache_dir, "off")
+
+
 def check_inputs(model: nn.Module, config: PruneConfig) -> None:
-    """Context lengths and task names, checked before any long work."""
+    """Context lengths and task names, checked before any long work; zero-shot, which lm-eval runs
+    on the whole model, is refused for a streamed one."""
+    if config.tasks and stream_of(model) is not None:
+        raise PrunewiseError(
+            "tasks: zero-shot evaluation runs through lm-eval on the whole model in memory "
+            f"({_model_gb(model):.1f} GB), which this run streams; drop --tasks and evaluate the saved run with "
+            "`prunewise eval --tasks ...` on a machine that holds it")
     if needs_calibration(config):
         check_context(model, "seqlen", config.seqlen)
     if config.eval_data:
@@ -343,7 +403,8 @@ def run(
         local = Path(config.model).expanduser()
         check_output_dir(Path(out), overwrite, (local if local.exists() else None, cache_dir))
     t_start = time.perf_counter()
-    model, tokenizer, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code)
+    scratch = Path(out).resolve().parent if out is not None else cache_dir / "stream"
+    model, tokenizer, source, placement = load_placed(config, cache_dir, trust_remote_code, scratch)
     identity = source_info(model, source)
     check_same_model(expect, identity, "the record")
     check_inputs(model, config)
@@ -362,10 +423,11 @@ def run(
     record.source = identity
     record.versions = versions()
     record.timings["load_s"] = t_loaded - t_start
+    record.memory = placement.to_dict()
     if dry_run:
         return RunOutput(record, model, tokenizer, None)
     record.wall_s = time.perf_counter() - t_start
-    record.memory = peak_memory()
+    record.memory.update(peak_memory())
     if out is not None:
         save_run(model, tokenizer, Path(out), record, overwrite, format)
     return RunOutput(record, model, tokenizer, result)

@@ -47,11 +47,14 @@ def fingerprint(*tensors: torch.Tensor, extra: str = "") -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes) of ``model``."""
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes) of ``model``; the
+    tensors of a streamed model (:mod:`prunewise.streaming`) are hashed as they are read, one at a
+    time, to the same digest as the model loaded whole."""
     h = hashlib.sha256()
+    stream = getattr(model, "_prunewise_stream", None)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(name.encode())
-        _update(h, t)
+        _update(h, stream.read(name) if t.is_meta else t)
     return h.hexdigest()
 
 

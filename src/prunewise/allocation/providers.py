@@ -19,6 +19,7 @@ A new statistic is one function here (``calibration=True`` when it reads calibra
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,33 @@ def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
     return out
 
 
+class Weights(Mapping):
+    """``{linear name: weight [C_out, C_in]}`` of a block source, each read when asked for: the
+    model's own tensor in memory, read from the checkpoint when streamed (one at a time)."""
+
+    def __init__(self, source: BlockSource, names: list[str]):
+        self.source, self.names = source, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.source.weight(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _spectra_cost(ctx: StatContext, rates):
     from .preview import Work
 
-    todo = [weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers]
-    todo = [w for w in todo if not entry(ctx.cache_dir, "spectra", fingerprint(w)).is_file()]
-    flops = sum(w.shape[0] * w.shape[1] * min(w.shape) for w in todo)
+    todo = []
+    for x in ctx.profile.layers:
+        if not entry(ctx.cache_dir, "spectra", fingerprint(ctx.source.weight(x.name))).is_file():
+            todo.append(x.shape)
+    flops = sum(s[0] * s[1] * min(s) for s in todo)
     return Work(f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 SVD, {len(todo)} not cached)",
                 flops * rates.svd_flop_s if todo else None)
 
@@ -105,14 +127,14 @@ def eigenvalues(ctx: StatContext) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for layer in tqdm(ctx.profile.layers, desc="spectra", unit="matrix", disable=not ctx.progress):
-        w = weight_matrix(ctx.model.get_submodule(layer.name))
+        w = ctx.source.weight(layer.name)
         out[layer.name] = cached(ctx.cache_dir, "spectra", fingerprint(w), lambda w=w: _eigenvalues(w))
     return out
 
 
-@STATISTICS.register("weights", summary="the model's own weight matrices (read only)")
-def weights(ctx: StatContext) -> dict[str, torch.Tensor]:
-    return {x.name: weight_matrix(ctx.model.get_submodule(x.name)) for x in ctx.profile.layers}
+@STATISTICS.register("weights", summary="the model's own weight matrices (read only; read when used if streamed)")
+def weights(ctx: StatContext) -> Weights:
+    return Weights(ctx.source, [x.name for x in ctx.profile.layers])
 
 
 def _dense_key(ctx: StatContext) -> str:
