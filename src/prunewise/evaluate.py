@@ -108,7 +108,7 @@ def perplexity(
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
 
 
-LOGIT_BYTES = 1 << 28  # float32 logits alive at once: a 128k vocabulary never has a whole window's
+LOGIT_BYTES = 1 << 26  # float32 logits alive at once (64 MB): never a whole window of a large vocabulary
 
 
 def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:

@@ -41,7 +41,7 @@ from .blocks import BlockSource, first, make_source, run_block
 from .errors import PrunewiseError
 from .experts import ExpertLinear
 from .models import _is_conv1d, weight_matrix
-from .statcache import cached, fingerprint, model_fingerprint
+from .statcache import cached, cached_lazy, fingerprint, model_fingerprint
 
 NORMS = ("l1", "l2")
 
@@ -233,6 +233,77 @@ def collect_gradients(
     return {name: t.cpu() for name, t in acc.items()}
 
 
+class _Kept:
+    """Each block's inputs for every window, kept from the forward pass for the backward one: in
+    memory, or in files under a temporary folder when they would not fit (``spill``)."""
+
+    def __init__(self, spill: bool):
+        import tempfile
+
+        self.folder = tempfile.TemporaryDirectory(prefix="prunewise-inputs-") if spill else None
+        self.memory: dict[int, list[torch.Tensor]] = {}
+
+    def put(self, i: int, hidden: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.memory[i] = hidden
+        else:
+            torch.save([h.cpu() for h in hidden], Path(self.folder.name) / f"{i}.pt")
+
+    def take(self, i: int, device: torch.device) -> list[torch.Tensor]:
+        if self.folder is None:
+            return self.memory.pop(i)
+        path = Path(self.folder.name) / f"{i}.pt"
+        hidden = [h.to(device) for h in torch.load(path, weights_only=True)]
+        path.unlink()
+        return hidden
+
+
+def streamed_gradients(source: BlockSource, calib: torch.Tensor, put, *, norm: str, scale: float,
+                       progress: bool = True) -> None:
+    """GBLM's ``G`` of every prunable weight of a streamed model, each block's handed to
+    ``put(name, G)`` as soon as it is complete. Every block is read twice in all: a forward walk
+    over every window keeps each block's inputs (spilled to disk when they would not fit in a
+    quarter of the memory available); the loss of each window is back-propagated through the
+    head; then the blocks are read last to first, and each is recomputed and back-propagated for
+    every window in turn (one backward per window: per-sample gradients, as the reference)."""
+    from .memory import host_available
+
+    windows = list(calib.split(1))
+    inputs = source.capture(calib, 1)
+    per_block = sum(h.numel() * h.element_size() for h in inputs.hidden)
+    room = host_available()
+    kept = _Kept(spill=room is not None and per_block * len(source) > room / 4)
+
+    def forward(i, block, linears, hidden, calls):
+        kept.put(i, hidden)
+        return run_block(block, hidden, calls)
+
+    with torch.no_grad():
+        last = source.walk(forward, inputs, desc="gradients: forward", progress=progress)
+    grads = []
+    for out, ids in zip(last, windows):
+        out = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = source.logits(out, ids, bool(inputs.as_tuple))
+            F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device)).backward()
+        grads.append(out.grad)
+    del last
+    for i, block, linears in source.each(reverse=True, desc="gradients: backward", progress=progress):
+        hidden = kept.take(i, source.device)
+        modules = dict(linears)
+        _check_backward({name: m.weight for name, m in linears})
+        acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
+               for name, m in linears}
+        with _folding(block, modules, acc, norm, scale):
+            for j, call in enumerate(inputs.calls[i]):
+                x = hidden[j].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    first(block(x, *call.args, **call.kwargs)).backward(grads[j])
+                grads[j], hidden[j] = x.grad, None
+        for name, t in acc.items():
+            put(name, (t.sqrt_() if norm == "l2" else t).cpu())
+
+
 def gradient_key(model_key: str, calib: torch.Tensor, blocks_path: str | None, norm: str, scale: float) -> str:
     """The cache key of :func:`layer_gradients`: the weights (their fingerprint), the calibration
     ids and the options."""
@@ -245,6 +316,11 @@ def layer_gradients(model: nn.Module, calib: torch.Tensor, *, norm: str, scale: 
     """:func:`collect_gradients`, cached on disk by content (checkpointing does not enter the key);
     ``model_key`` is the model's fingerprint when the caller has it."""
     key = gradient_key(model_key or model_fingerprint(model), calib, blocks_path, norm, scale)
+    source = make_source(model, blocks_path, device)
+    if source.streamed:  # too large to hold: G written block by block, read back layer by layer
+        specs = [(name, torch.float32, tuple(weight_matrix(m).shape)) for _, name, m in source.all_linears()]
+        return cached_lazy(cache_dir, "gradients", key, specs, lambda put: streamed_gradients(
+            source, calib, put, norm=norm, scale=scale, progress=progress))
     return cached(cache_dir, "gradients", key, lambda: collect_gradients(
         model, calib, norm=norm, scale=scale, checkpointing=checkpointing, device=device,
         blocks_path=blocks_path, progress=progress))

@@ -143,6 +143,7 @@ def estimate(model: nn.Module, *, windows: int, seqlen: int, batch_size: int = 1
     are read) with ``windows`` calibration windows of ``seqlen`` tokens (and ``eval_windows`` of
     ``eval_seqlen`` for perplexity), and the mode ``stream`` resolves to."""
     from .blocks import make_source
+    from .evaluate import LOGIT_BYTES
 
     source = make_source(model, blocks_path)
     inside = {id(p) for p in source.blocks.parameters()}
@@ -159,7 +160,7 @@ def estimate(model: nn.Module, *, windows: int, seqlen: int, batch_size: int = 1
     shapes = [tuple(m.weight.shape) for _, m in source.linears(0)]  # every block alike: the first one's
     stats = sum(4 * min(s) ** 2 if hessians else 8 * max(s) for s in shapes)
     longest = max(seqlen, eval_seqlen)
-    temps = batch_size * longest * (4 * heads * longest + 3 * inter * elt + 4 * hidden * elt) + 3 * (1 << 28)
+    temps = batch_size * longest * (4 * heads * longest + 3 * inter * elt + 4 * hidden * elt) + 3 * LOGIT_BYTES
     work = acts + stats + temps
     dev = torch.device(device)
     parts = {"weights": total, "outside": outside, "block": block, "activations": acts, "statistics": stats,

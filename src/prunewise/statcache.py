@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,56 @@ def _write(path: Path, kind: str, key: str, value: Any) -> None:
     meta = {"format": FORMAT, "kind": kind, "key": key, "layout": "tensor" if single else "dict",
             "sha256": _checksum(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def cached_lazy(cache_dir: Path | None, kind: str, key: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                fill: Callable[[Callable[[str, torch.Tensor], None]], None]) -> Mapping[str, torch.Tensor]:
+    """:func:`cached` for a dict of tensors too large to hold at once (a streamed model's gradient
+    statistics): ``fill(put)`` calls ``put(name, tensor)`` for every tensor of ``specs`` as it is
+    computed, in any order, into a file laid out up front; the entry is then read one tensor at a
+    time when used. Its checksum is computed from the file once written (one tensor at a time);
+    reading it back checks kind, key and size, not the checksum, which would read it whole."""
+    import os
+    import shutil
+    import tempfile
+
+    from .streaming import SINGLE, ShardWriter, TensorFile, read_file_header
+
+    path = entry(cache_dir, kind, key)
+    if path.is_file():
+        try:
+            _, meta = read_file_header(path)
+            if all(meta.get(k) == v for k, v in (("format", FORMAT), ("kind", kind), ("key", key))):
+                return TensorFile(path)
+            log.warning("cache entry %s does not match its kind or key; computing it again", path)
+        except Exception as exc:
+            log.warning("cache entry %s cannot be read (%s); computing it again", path, str(exc).splitlines()[0][:120])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
+    try:
+        placeholder = "0" * 64
+        writer = ShardWriter(folder, specs, max_shard_bytes=1 << 62,
+                             metadata={"format": FORMAT, "kind": kind, "key": key, "layout": "dict", "sha256": placeholder})
+        try:
+            fill(writer.put)
+        finally:
+            writer.abort()
+        writer.close()
+        written = folder / SINGLE
+        lazy = TensorFile(written)
+        h = hashlib.sha256()
+        for name in sorted(lazy):
+            h.update(name.encode())
+            _update(h, lazy[name])
+        with open(written, "r+b") as fh:  # the checksum goes where its placeholder is, same length
+            head = fh.read(1 << 20)
+            at = head.index(f'"sha256":"{placeholder}"'.encode()) + len('"sha256":"')
+            fh.seek(at)
+            fh.write(h.hexdigest().encode())
+        os.replace(written, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return TensorFile(path)
 
 
 def cached(cache_dir: Path | None, kind: str, key: str, compute: Callable[[], Any]) -> Any:

@@ -39,7 +39,7 @@ import shutil
 import struct
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,11 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Every tensor of one safetensors file: dtype, shape and where its bytes are."""
+    return read_file_header(path)[0]
+
+
+def read_file_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`read_header` and the file's metadata."""
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -82,14 +87,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(fh.read(n))
     except (OSError, ValueError, struct.error) as exc:
         raise PrunewiseError(f"cannot read the safetensors file {path}: {exc}") from None
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None) or {}
     out = {}
     for name, h in header.items():
         if h["dtype"] not in ST_DTYPES:
             raise PrunewiseError(f"{path}: tensor {name} has dtype {h['dtype']}, which prunewise cannot stream")
         begin, end = h["data_offsets"]
         out[name] = TensorInfo(path, ST_DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + begin, end - begin)
-    return out
+    return out, meta
 
 
 class Checkpoint:
@@ -115,18 +120,41 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, read into fresh memory (no mapping of the file)."""
-        info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        with open(info.file, "rb", buffering=0) as fh:
-            fh.seek(info.start)
-            got = 0
-            while got < info.nbytes:
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise PrunewiseError(f"{info.file} is truncated (tensor {name})")
-                got += n
-        return buf.view(info.dtype).reshape(info.shape)
+        return read_tensor(name, self.tensors[name])
+
+
+def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(info.file, "rb", buffering=0) as fh:
+        fh.seek(info.start)
+        got = 0
+        while got < info.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise PrunewiseError(f"{info.file} is truncated (tensor {name})")
+            got += n
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+class TensorFile(Mapping):
+    """``{name: tensor}`` of one safetensors file, each tensor read when asked for."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.infos = read_header(self.path)
+        end = max((i.start + i.nbytes for i in self.infos.values()), default=0)
+        if self.path.stat().st_size < end:
+            raise PrunewiseError(f"{self.path} is truncated")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return read_tensor(name, self.infos[name])
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
 
 
 class ShardWriter:
@@ -137,7 +165,7 @@ class ShardWriter:
     offset by :meth:`put`; :meth:`close` checks that every tensor arrived and writes the index."""
 
     def __init__(self, folder: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = SHARD_BYTES):
+                 max_shard_bytes: int = SHARD_BYTES, metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         size = 0
@@ -158,7 +186,7 @@ class ShardWriter:
             for name, dtype, shape, nbytes in shard:
                 header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
-            header["__metadata__"] = {"format": "pt"}
+            header["__metadata__"] = {"format": "pt", **(metadata or {})}
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             fh = open(self.folder / self.files[k], "wb")
