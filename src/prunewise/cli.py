@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     e.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
+    e.add_argument("--stream", choices=STREAM_CHOICES, default="auto",
+                   help="read each block from the checkpoint (on), load whole (off), or stream when it would not fit (auto)")
     e.add_argument("--no-dense", action="store_true", help="do not evaluate the dense source model of a run")
     _task_args(e)
     _common(e)
@@ -258,7 +260,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = evaluate_run(args.model, data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens,
                        batch_size=args.batch_size, device=args.device, dtype=args.dtype, tasks=args.tasks,
                        include_path=args.include_path, limit=args.limit, dense=not args.no_dense,
-                       cache_dir=args.cache_dir, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+                       cache_dir=args.cache_dir, progress=not args.quiet, trust_remote_code=args.trust_remote_code,
+                       stream=args.stream)
     if out.perplexity:
         print(ppl_table(out.perplexity))
     if out.zero_shot:

@@ -171,13 +171,12 @@ class _RayTrialWorker:
         from .blocks import make_source
         from .data import calibration_ids
         from .io import check_same_model, source_info
-        from .models import load_model
-        from .pipeline import _trials, backup_weights, needs_calibration
+        from .pipeline import _trials, backup_weights, load_placed, needs_calibration
 
         if threads:
             torch.set_num_threads(threads)
         cfg = PruneConfig.from_dict(config)
-        model, tok, source = load_model(cfg.model, cfg.dtype, Path(cache_dir), trust_remote_code=trust_remote_code)
+        model, tok, source, _ = load_placed(cfg, Path(cache_dir), trust_remote_code)
         check_same_model({"fingerprint": fingerprint, "path": cfg.model}, source_info(model, source), "the search")
         calib = (calibration_ids(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, Path(cache_dir))
                  if needs_calibration(cfg) else None)

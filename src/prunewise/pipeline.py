@@ -444,11 +444,13 @@ class EvalOutput:
 def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, max_tokens: int | None = None,
                  batch_size: int = 1, device: str | None = None, dtype: str = "auto", tasks: str | None = None,
                  include_path: str | None = None, limit: float | None = None, dense: bool = True,
-                 cache_dir: Path | None = None, progress: bool = True, trust_remote_code: bool = False) -> EvalOutput:
+                 cache_dir: Path | None = None, progress: bool = True, trust_remote_code: bool = False,
+                 stream: str = "auto") -> EvalOutput:
     """Evaluate a model; for a prunewise run folder, also its dense source, reusing the record's dense
     numbers when they were measured with the same protocol (else the source is loaded, checked
     against the record's fingerprint, and measured).
-    ``data="none"`` skips perplexity; ``seqlen`` defaults to the run's evaluation window, else 2048."""
+    ``data="none"`` skips perplexity; ``seqlen`` defaults to the run's evaluation window, else 2048.
+    ``stream`` places each model as :func:`load_placed` does (zero-shot needs it whole)."""
     device = device or default_device()
     want_ppl = data.lower() != "none"
     if not want_ppl and not tasks:
@@ -469,8 +471,12 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
                         dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
                         dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None)
 
-    result, acc = measure(lambda: load_model(model, dtype, cache_dir, trust_remote_code=trust_remote_code)[:2],
-                          want_ppl, bool(tasks))
+    def placed(spec: str) -> PruneConfig:  # what load_placed estimates: perplexity windows only
+        return PruneConfig(model=spec, metric="magnitude", dtype=dtype, stream="off" if tasks else stream,
+                           device=device, batch_size=batch_size, eval_data=data if want_ppl else None,
+                           eval_seqlen=seqlen, max_tokens=max_tokens)
+
+    result, acc = measure(lambda: load_placed(placed(model), cache_dir, trust_remote_code)[:2], want_ppl, bool(tasks))
     out = EvalOutput()
     if record is None or not dense:
         if want_ppl:
@@ -483,7 +489,8 @@ def evaluate_run(model: str, *, data: str = "wiki", seqlen: int | None = None, m
     dense_ppl = record.reusable("dense", result) if want_ppl else None
     dense_acc = record.reusable_zero_shot("dense", tasks, limit, include_path) if tasks else None
     if (want_ppl and dense_ppl is None) or (tasks and dense_acc is None):
-        d_ppl, d_acc = measure(lambda: load_dense_source(record, dtype, cache_dir, trust_remote_code),
+        d_ppl, d_acc = measure(lambda: load_dense_source(record, dtype, cache_dir, trust_remote_code,
+                                                         placed(dense_spec(record))),
                                want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None)
         dense_ppl, dense_acc = dense_ppl or d_ppl, dense_acc or d_acc
     cfg = record.config
@@ -501,10 +508,15 @@ def dense_spec(record: RunRecord) -> str:
     return src if kind in ("folder", "gguf") and src else record.config["model"]
 
 
-def load_dense_source(record: RunRecord, dtype: str, cache_dir: Path, trust_remote_code: bool = False):
+def load_dense_source(record: RunRecord, dtype: str, cache_dir: Path, trust_remote_code: bool = False,
+                      placed: PruneConfig | None = None):
     """``(model, tokenizer)`` of a run's dense source, refused when its weights are not the record's
-    (checked when loaded in the run's dtype: a fingerprint is of the weights as loaded)."""
-    model, tok, source = load_model(dense_spec(record), dtype, cache_dir, trust_remote_code=trust_remote_code)
+    (checked when loaded in the run's dtype: a fingerprint is of the weights as loaded); ``placed``
+    streams it as :func:`load_placed` decides."""
+    if placed is not None:
+        model, tok, source, _ = load_placed(placed, cache_dir, trust_remote_code)
+    else:
+        model, tok, source = load_model(dense_spec(record), dtype, cache_dir, trust_remote_code=trust_remote_code)
     if dtype == record.config.get("dtype", "auto"):
         check_same_model(record.source, source_info(model, source), "the run")
     return model, tok

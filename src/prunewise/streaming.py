@@ -118,6 +118,14 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def shard_bytes(self) -> int:
+        """The size of its largest shard when it has several (what output shards are cut at), else the default."""
+        sizes: dict[Path, int] = {}
+        for t in self.tensors.values():
+            sizes[t.file] = sizes.get(t.file, 0) + t.nbytes
+        return max(sizes.values()) if len(sizes) > 1 else SHARD_BYTES
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, read into fresh memory (no mapping of the file)."""
         return read_tensor(name, self.tensors[name])
@@ -258,7 +266,7 @@ class Stream:
         self.keys = keys  # model state key -> checkpoint tensor name (every checkpoint this stream writes too)
         self.dtypes = dtypes  # model state key -> the dtype the model holds it in
         self.scratch_root = Path(scratch_root)
-        self.max_shard_bytes = SHARD_BYTES
+        self.max_shard_bytes = dense.shard_bytes  # output shards like the source's
         self._owned: Path | None = None  # the scratch folder ``current`` lives in, deleted when left
         self._finalizer = weakref.finalize(self, _remove, None)
 
@@ -442,7 +450,7 @@ def export(model: nn.Module, tokenizer, folder: Path) -> None:
     files = [f for f in os.listdir(src) if f == INDEX or f.endswith(".safetensors")]
     move = stream._owned is not None
     for f in files:
-        (os.replace if move else shutil.copyfile)(src / f, Path(folder) / f)
+        (shutil.move if move else shutil.copyfile)(src / f, Path(folder) / f)  # a rename on one filesystem
     model.config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():
@@ -451,3 +459,41 @@ def export(model: nn.Module, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
     if move:
         stream.point(folder, owned=False)
+
+
+def random_checkpoint(folder: Path, config, *, dtype: torch.dtype = torch.float32, seed: int = 0, tokenizer=None,
+                      max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """A random-init checkpoint of ``config`` (a transformers config) written to ``folder`` one
+    tensor at a time, never the whole model in memory: matrices ``N(0, 0.02)``, other weights ones,
+    biases zeros. For trying a memory budget with the shape of a model too large to download
+    (benchmarks, tests); ``tokenizer`` is saved with it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    tensors = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # tied: one entry
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.values()]
+    writer = ShardWriter(folder, specs, max_shard_bytes)
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for k, t in tensors.values():
+            if not t.is_meta:
+                value = t.detach()
+            elif t.dim() >= 2:
+                value = (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype)
+            else:
+                value = torch.zeros(t.shape, dtype=t.dtype) if k.endswith("bias") else torch.ones(t.shape, dtype=t.dtype)
+            writer.put(k, value)
+            del value
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -214,22 +214,22 @@ class SweepWorker:
 
     def __init__(self, base: PruneConfig, configs: list[PruneConfig], cache_dir: Path, trust_remote_code: bool = False):
         from .allocation.planner import build_profile
-        from .blocks import BlockSource
+        from .blocks import make_source
         from .data import calibration_ids
         from .io import source_info, versions
-        from .models import load_model
-        from .pipeline import backup_weights, check_inputs, needs_calibration
+        from .pipeline import backup_weights, check_inputs, load_placed, needs_calibration
 
         self.base, self.cache_dir = base, cache_dir
-        self.model, self.tokenizer, source = load_model(base.model, base.dtype, cache_dir,
-                                                        trust_remote_code=trust_remote_code)
+        # streamed when the model would not fit: every run re-reads the dense checkpoint (no dense copy)
+        self.model, self.tokenizer, source, placement = load_placed(base, cache_dir, trust_remote_code)
+        self.mode = placement.mode
         self.source = source_info(self.model, source)
         for config in configs:
             check_inputs(self.model, config)
         self.calib = None
         if any(needs_calibration(c) for c in configs):
             self.calib = calibration_ids(self.tokenizer, base.calib, base.nsamples, base.seqlen, base.seed, cache_dir)
-        self.dense_weights = backup_weights(self.model, build_profile(BlockSource(self.model, base.blocks_path)))
+        self.dense_weights = backup_weights(self.model, build_profile(make_source(self.model, base.blocks_path)))
         self.common = {"source": self.source, "versions": versions()}
 
     def dense_row(self, key: str, progress: bool) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class SweepWorker:
         from .io import peak_memory
 
         record.source, record.versions = self.common["source"], self.common["versions"]
-        record.wall_s, record.memory = time.perf_counter() - t0, peak_memory()
+        record.wall_s, record.memory = time.perf_counter() - t0, {"mode": self.mode, **peak_memory()}
 
     def close(self) -> None:
         from .pipeline import restore_weights
