@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import make_tokenizer, tiny_config
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
 from prunewise.memory import estimate
@@ -206,7 +206,7 @@ def test_prunes_and_evaluates_a_checkpoint_three_times_larger_than_its_memory(tm
     else with --stream on; its peak RSS from getrusage, exact sparsity from the saved shards."""
     limit = 10**9
     config = LlamaConfig(vocab_size=len(make_tokenizer()), hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=60, num_attention_heads=16, num_key_value_heads=4,
+                         num_hidden_layers=72, num_attention_heads=16, num_key_value_heads=4,
                          max_position_embeddings=256)
     src = random_checkpoint(tmp_path / "big", config, tokenizer=make_tokenizer(), max_shard_bytes=5 * 10**8)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
