@@ -250,8 +250,11 @@ class BlockSource:
 
     def walk(self, step: Step, inputs: Inputs | None, *, desc: str, progress: bool = True) -> list[torch.Tensor] | None:
         """Run ``step`` on every block in order, each on the device for its turn; the hidden states
-        a step returns feed the next block. ``inputs=None`` walks without data (data-free passes)."""
+        a step returns feed the next block. ``inputs=None`` walks without data (data-free passes).
+        The walk takes ``inputs.hidden`` over (left empty): block 0's inputs are freed once it ran."""
         hidden = inputs.hidden if inputs is not None else None
+        if inputs is not None:
+            inputs.hidden = []
         for i, block, linears in self.each(desc=desc, progress=progress):
             hidden = step(i, block, linears, hidden, inputs.calls[i] if inputs else None)
         return hidden

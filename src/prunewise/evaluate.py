@@ -96,19 +96,18 @@ def perplexity(
     losses = []
     for k in range(0, len(batches), per):
         part = Inputs(inputs.hidden[k:k + per], [calls[k:k + per] for calls in inputs.calls], inputs.as_tuple)
+        inputs.hidden[k:k + per] = [None] * len(part.hidden)  # the walk frees them after block 0
         hidden = source.walk(replay_step, part, desc="perplexity", progress=False)
         for j, batch in enumerate(batches[k:k + per]):
             losses.append(window_losses(source, hidden[j], batch.to(source.device), bool(inputs.as_tuple)))
             hidden[j] = None
             bar.update(batch.shape[0])
-        for b in range(k, min(k + per, len(batches))):
-            inputs.hidden[b] = None
     bar.close()
     mean = torch.cat(losses).mean().item()
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
 
 
-LOGIT_BYTES = 1 << 26  # float32 logits alive at once (64 MB): never a whole window of a large vocabulary
+LOGIT_BYTES = 1 << 25  # float32 logits alive at once (32 MB): never a whole window of a large vocabulary
 
 
 def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
