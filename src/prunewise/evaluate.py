@@ -85,14 +85,20 @@ def perplexity(
         windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=windows.dtype), windows], dim=1)
     # Through the block loop: one block at a time on the device, logits from the model's own head.
     # Every window is captured once; ``chunk`` windows walk the blocks together (default one batch:
-    # the lowest peak memory on CPU); a source that reads blocks from disk wants larger chunks.
+    # the lowest peak memory on CPU). A source that reads blocks from disk walks as many windows
+    # together as a quarter of the free memory holds (inputs and outputs of a block): usually all,
+    # so every block is read once.
     source = make_source(model, blocks_path, device)
     bar = tqdm(total=nwin, desc="perplexity", unit="window", disable=not progress)
     inputs = source.capture(windows, batch_size)
     batches = list(windows.split(batch_size))
     per = max((chunk or batch_size) // batch_size, 1)  # batches that walk the blocks together
-    if chunk is None and source.streamed:  # every block read once: all windows walk together
-        per = len(batches)
+    if chunk is None and source.streamed:
+        from .memory import device_available, host_available
+
+        room = device_available(source.device) or host_available()
+        per_batch = 2 * inputs.hidden[0].numel() * inputs.hidden[0].element_size()
+        per = len(batches) if room is None else int(min(len(batches), max(1, room // 4 // per_batch)))
     losses = []
     for k in range(0, len(batches), per):
         part = Inputs(inputs.hidden[k:k + per], [calls[k:k + per] for calls in inputs.calls], inputs.as_tuple)
