@@ -13,9 +13,9 @@ against measured peaks):
 - ``A`` the activations the walk keeps: block inputs and outputs of every calibration window
   (``2 * n * seqlen * hidden * elt``), or of every evaluation window when that is larger;
 - ``S`` one block's statistics: SparseGPT's Hessians (``4 * C_in^2`` per layer), Wanda's norms;
-- ``T`` one batch's temporaries inside a block (attention, the MLP's intermediate) and one chunk
-  of logits;
-- ``R`` the process itself (Python, torch, transformers: about 0.35 GB).
+- ``T`` one batch's temporaries inside a block (attention, the MLP's intermediate), three chunks
+  of logits, and 16 bytes per weight of the largest layer while its mask is chosen;
+- ``R`` the process itself (Python, torch, transformers' model code, a tokenizer: about 0.5 GB).
 
 In memory the host holds ``R + W + A + S + T``; streamed, ``R + O + 3B + A + S + T`` (the block
 that runs, the next one being read, and the one being written). With ``--device cuda`` the
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 STREAM_CHOICES = ("auto", "on", "off")
-PROCESS = int(0.35e9)  # R: the interpreter with torch and transformers imported
+PROCESS = int(0.5e9)  # R: the interpreter with torch, transformers' model code and a tokenizer loaded
+MASK_BYTES = 16  # per weight of the largest layer while its mask is chosen (float32 scores, int64 indices, ...)
 HEADROOM = 0.9  # stream when the in-memory estimate exceeds this share of what the process may use
 
 
@@ -160,7 +161,9 @@ def estimate(model: nn.Module, *, windows: int, seqlen: int, batch_size: int = 1
     shapes = [tuple(m.weight.shape) for _, m in source.linears(0)]  # every block alike: the first one's
     stats = sum(4 * min(s) ** 2 if hessians else 8 * max(s) for s in shapes)
     longest = max(seqlen, eval_seqlen)
-    temps = batch_size * longest * (4 * heads * longest + 3 * inter * elt + 4 * hidden * elt) + 3 * LOGIT_BYTES
+    largest = max(s[0] * s[1] for s in shapes)
+    temps = (batch_size * longest * (4 * heads * longest + 3 * inter * elt + 4 * hidden * elt) + 3 * LOGIT_BYTES
+             + MASK_BYTES * largest)
     work = acts + stats + temps
     dev = torch.device(device)
     parts = {"weights": total, "outside": outside, "block": block, "activations": acts, "statistics": stats,

@@ -276,8 +276,12 @@ class Stream:
         return t if t.dtype == self.dtypes[key] else t.to(self.dtypes[key])
 
     def new_scratch(self) -> Path:
+        """A new scratch folder (``.prunewise-stream.tmp-PID-*``; those of dead processes are removed)."""
+        from .atomic import clean_stale
+
         self.scratch_root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".prunewise-stream-", dir=self.scratch_root))
+        clean_stale(self.scratch_root / "prunewise-stream")
+        return Path(tempfile.mkdtemp(prefix=f".prunewise-stream.tmp-{os.getpid()}-", dir=self.scratch_root))
 
     def point(self, folder: Path, owned: bool) -> None:
         """Stream from the checkpoint in ``folder`` from now on (``owned``: a scratch folder of ours)."""
@@ -359,6 +363,18 @@ def load_skeleton(folder: Path, dtype: torch.dtype | str = "auto", *, blocks_pat
     return model
 
 
+_READER: list[ThreadPoolExecutor] = []
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The one thread that reads blocks ahead, for every source: memory its reads free is reused
+    by its next reads (glibc keeps freed memory in the allocating thread's arena; a reader thread
+    per source would leave a block or two of freed memory behind in each)."""
+    if not _READER:
+        _READER.append(ThreadPoolExecutor(1, thread_name_prefix="prunewise-read"))
+    return _READER[0]
+
+
 class StreamedSource(BlockSource):
     """The decoder blocks of a streamed model, each read from its checkpoint for its turn."""
 
@@ -368,7 +384,6 @@ class StreamedSource(BlockSource):
         super().__init__(model, blocks_path, device)
         self.stream = stream_of(model)
         self.sink: ShardWriter | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prunewise-read")
         self._ahead: dict[tuple[int, int], Future] = {}
         # every tensor of each block the checkpoint holds: (key within the block, meta placeholder)
         self._tensors: list[list[tuple[str, torch.Tensor]]] = []
@@ -376,9 +391,6 @@ class StreamedSource(BlockSource):
             prefix = f"{self.path}.{i}."
             self._tensors.append([(k, t) for k, t in block.state_dict(keep_vars=True).items()
                                   if prefix + k in self.stream.keys and t.is_meta])
-
-    def __del__(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         return {k: self.stream.read(f"{self.path}.{i}.{k}") for k, _ in self._tensors[i]}
@@ -392,7 +404,7 @@ class StreamedSource(BlockSource):
         tensors = future.result() if future is not None else self._read_block(i)
         self._ahead.clear()
         if upcoming is not None:
-            self._ahead[(here, upcoming)] = self._pool.submit(self._read_block, upcoming)
+            self._ahead[(here, upcoming)] = _reader().submit(self._read_block, upcoming)
         block = self.blocks[i]
         for k, t in tensors.items():
             _assign(block, k, t.to(self.device))
