@@ -114,9 +114,43 @@ def curve(sizes: list[str], metrics: list[str], limit_gb: float | None, work: Pa
     return rows
 
 
+SCALE = {  # name: (hidden, layers, intermediate, heads, kv heads, vocab) — Llama 2 7B, 70B, Llama 3.1 405B
+    "7B": (4096, 32, 11008, 32, 32, 32000),
+    "70B": (8192, 80, 28672, 64, 8, 32000),
+    "405B": (16384, 126, 53248, 128, 8, 128256),
+}
+
+
+def formula(shapes: dict, windows: int, eval_windows: int, seqlen: int) -> list[dict]:
+    """:func:`prunewise.memory.estimate` on meta skeletons of these shapes (bf16): nothing is allocated."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from prunewise.memory import estimate
+
+    rows = []
+    for name, (d, layers, inter, heads, kv, vocab) in shapes.items():
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        for metric, hessians in (("wanda", False), ("sparsegpt", True)):
+            kw = dict(windows=windows, seqlen=seqlen, hessians=hessians, eval_windows=eval_windows,
+                      eval_seqlen=seqlen, available=1 << 60)
+            cpu, gpu = estimate(model, **kw), estimate(model, **kw, device="cuda")
+            row = {"model": name, "metric": metric, "weights_gb": cpu.parts["weights"] / 1e9,
+                   "cpu_in_memory_gb": cpu.host_memory / 1e9, "cpu_streamed_gb": cpu.host_stream / 1e9,
+                   "cuda_host_streamed_gb": gpu.host_stream / 1e9, "cuda_device_gb": gpu.device / 1e9,
+                   **{f"{k}_gb": v / 1e9 for k, v in cpu.parts.items() if k != "weights"}}
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("bundled", "curve"))
+    p.add_argument("what", choices=("bundled", "curve", "formula"))
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--sizes", default=",".join(SHAPES))
     p.add_argument("--metrics", default="wanda,sparsegpt")
@@ -125,8 +159,11 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="prunewise-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    if a.what == "bundled":
+    if a.what != "formula":
+        work.mkdir(parents=True, exist_ok=True)
+    if a.what == "formula":  # the papers' protocol: 128 x 2048 calibration, WikiText-2 test (166 x 2048)
+        rows = formula({**SCALE, **{k: (*v, 49152) for k, v in SHAPES.items()}}, 128, 166, 2048)
+    elif a.what == "bundled":
         rows = bundled(a.repeat, a.limit, work)
     else:
         rows = curve(a.sizes.split(","), a.metrics.split(","), a.limit, work)

@@ -14,7 +14,7 @@ against measured peaks):
   (``2 * n * seqlen * hidden * elt``), or of every evaluation window when that is larger;
 - ``S`` one block's statistics: SparseGPT's Hessians (``4 * C_in^2`` per layer), Wanda's norms;
 - ``T`` one batch's temporaries inside a block (attention, the MLP's intermediate), three chunks
-  of logits, and 16 bytes per weight of the largest layer while its mask is chosen;
+  of logits, and 48 bytes per weight of the largest layer while its mask is chosen (measured);
 - ``R`` the process itself (Python, torch, transformers' model code, a tokenizer: about 0.5 GB).
 
 In memory the host holds ``R + W + A + S + T``; streamed, ``R + O + 3B + A + S + T`` (the block
@@ -36,7 +36,9 @@ from torch import nn
 
 STREAM_CHOICES = ("auto", "on", "off")
 PROCESS = int(0.5e9)  # R: the interpreter with torch, transformers' model code and a tokenizer loaded
-MASK_BYTES = 16  # per weight of the largest layer while its mask is chosen (float32 scores, int64 indices, ...)
+# per weight of the largest layer while its mask is chosen: float32 scores and their copies, the
+# k-th value search, int64 tie counts (48: measured, benchmarks/RESULTS.md "Streaming")
+MASK_BYTES = 48
 HEADROOM = 0.9  # stream when the in-memory estimate exceeds this share of what the process may use
 
 
