@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import make_tokenizer, tiny_config
-from prunewise.config import PruneConfig
+from prunewise.config import PruneConfig, default_cache_dir
 from prunewise.errors import PrunewiseError
 from prunewise.memory import estimate
-from prunewise.models import load_model
+from prunewise.models import bundled_model_dir, load_model
 from prunewise.pipeline import evaluate_run, run
 from prunewise.statcache import model_fingerprint
 from prunewise.streaming import Checkpoint, ShardWriter, load_skeleton, random_checkpoint, stream_of
@@ -240,3 +241,21 @@ def test_prunes_and_evaluates_a_checkpoint_three_times_larger_than_its_memory(tm
         w = saved[layer["name"] + ".weight"]
         assert int((w == 0).sum()) == layer["zeros"] == w.numel() // 2
     assert rec["dense"]["ppl"] > 1 and rec["pruned"]["ppl"] > 1
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("metric,allocator", [("wanda", "owl"), ("sparsegpt", "alphapruning"),
+                                              ("gblm", "atp:beta=auto,step=0.01"),
+                                              ("magnitude", "mrp:stats=dynamic,rounds=2")])
+def test_bundled_model_streamed_equals_in_memory(tmp_path, metric, allocator):
+    """Each metric and each allocator once on SmolLM2-135M: streamed and in memory, own caches."""
+    def config(mode: str) -> PruneConfig:
+        return PruneConfig(metric=metric, allocator=allocator, sparsity=0.6, nsamples=2, seqlen=64,
+                           eval_data="wiki", eval_seqlen=256, max_tokens=1024, stream=mode)
+
+    records = []
+    for mode in ("off", "on"):
+        cache = tmp_path / f"cache-{mode}"
+        shutil.copytree(bundled_model_dir("smollm2-135m", default_cache_dir()).parent, cache / "models")
+        records.append(run(config(mode), out=tmp_path / mode, cache_dir=cache, progress=False).record)
+    _assert_same(tmp_path, *records)

@@ -205,9 +205,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"({best:.3f}; {search['wall_s']:.1f} s)")
     if args.dry_run:
         layers = rec.allocation["layers"]
+        print(_memory_line(rec.memory))
         print(f"allocation '{config.allocator}' at target {config.target:g} ({len(layers)} layers):")
         print(block_table(layers))
-        print(_memory_line(rec.memory))
         return 0
     pr = rec.pruning
     if args.verbose:

@@ -344,20 +344,30 @@ def load_placed(config: PruneConfig, cache_dir: Path, trust_remote_code: bool = 
     """``(model, tokenizer, source, placement)``: the model streamed from its checkpoint or loaded
     whole, as ``config.stream`` says (``auto``: streamed when the in-memory estimate does not fit
     in the memory this process may use, cgroup limits included). Only local safetensors folders
-    stream; anything else loads whole."""
-    folder = model_folder(config.model, cache_dir)
+    stream; anything else loads whole, and so does, with ``auto``, a folder that cannot stream
+    (no safetensors weights, tensor names transformers converts, a damaged file: the whole load
+    then says what is wrong)."""
+    folder, why = model_folder(config.model, cache_dir), None
     if config.stream == "on" and folder is None:
         raise PrunewiseError(f"stream: --stream on reads a local safetensors folder; '{config.model}' is not one")
     if config.stream != "off" and folder is not None:
-        model, tok, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code,
-                                        stream=True, blocks_path=config.blocks_path, scratch_root=scratch)
-        placement = placement_of(model, tok, config, cache_dir, config.stream)
-        if placement.mode == "stream":
+        try:
+            model, tok, source = load_model(config.model, config.dtype, cache_dir, stream=True,
+                                            trust_remote_code=trust_remote_code, blocks_path=config.blocks_path,
+                                            scratch_root=scratch)
+        except PrunewiseError as exc:
+            if config.stream == "on":
+                raise
+            why, model = str(exc), None
+        placement = None if model is None else placement_of(model, tok, config, cache_dir, config.stream)
+        if placement is not None and placement.mode == "stream":
             log.info("streaming %s: estimated peak %.2f GB on the host (%.2f GB loaded whole)", config.model,
                      placement.host_stream / 1e9, placement.host_memory / 1e9)
             return model, tok, source, placement
         del model
     model, tok, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code)
+    if why:  # the whole load worked where streaming could not: say why it is not streamed
+        log.info("not streamed: %s", why)
     return model, tok, source, placement_of(model, tok, config, cache_dir, "off")
 
 

@@ -439,8 +439,8 @@ class StreamedSource(BlockSource):
         specs = [(ck, stream.dtypes[key], tuple(state[key].shape)) for key, ck in stream.keys.items()]
         writer = ShardWriter(folder, specs, stream.max_shard_bytes)
         try:
-            for key, ck in stream.keys.items():
-                if not key.startswith(self.path + "."):
+            for key, ck in stream.keys.items():  # what is in memory now: outside the blocks, block buffers
+                if not state[key].is_meta:
                     writer.put(ck, state[key])
             self.sink = writer
             yield
