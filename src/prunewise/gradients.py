@@ -46,20 +46,6 @@ from .statcache import cached, cached_lazy, fingerprint, model_fingerprint
 NORMS = ("l1", "l2")
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes available on ``device`` (CUDA: free memory; CPU: MemAvailable), or None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def memory_estimate(source: BlockSource, seqlen: int, checkpointing: bool) -> dict[str, int]:
     """Rough bytes needed beyond the loaded weights: float32 accumulators, the largest gradient
     alive at once, and activations kept for the backward pass of one window."""
@@ -121,7 +107,9 @@ def _check_memory(source: BlockSource, seqlen: int, checkpointing: bool, availab
     """Raise with what is needed when the estimate exceeds the memory available on the device."""
     model, dev = source.model, source.device
     need = memory_estimate(source, seqlen, checkpointing)
-    have = available if available is not None else available_memory(dev)
+    from .memory import device_available, host_available
+
+    have = available if available is not None else (device_available(dev) or host_available())
     on_device = dev.type == "cuda" and not checkpointing  # the block-wise backward holds one block there
     total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if on_device else 0)
     if have is not None and total > have:
