@@ -43,7 +43,7 @@ ALLOCATORS = ("uniform", "owl", "alphapruning", "atp:beta=auto,step=0.004,heldou
 
 def block_redundancy(profile, dense: dict, norms: dict, model, metric: str, m: float = 5.0) -> list[float]:
     from prunewise.allocation.mrp import score_kind
-    from prunewise.models import weight_matrix
+    from prunewise.model.layers import weight_matrix
 
     wanda = score_kind("auto", metric) == "wanda"
     out = []
@@ -69,13 +69,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import prunewise as pw
-    from prunewise.allocation.providers import dense_input_norms
-    from prunewise.blocks import BlockSource
-    from prunewise.config import default_cache_dir
+    from prunewise.allocation.statistics import dense_input_norms
     from prunewise.data import calibration_ids, load_text, tokenize
-    from prunewise.pipeline import backup_weights, restore_weights
-    from prunewise.pipeline import plan as _plan
-    from prunewise.runtime import keep_freed_memory
+    from prunewise.model.blocks import BlockSource
+    from prunewise.model.malloc import keep_freed_memory
+    from prunewise.run.job import backup_weights, restore_weights
+    from prunewise.run.pipeline import plan as _plan
+    from prunewise.storage.cache import default_cache_dir
 
     keep_freed_memory()
     done = set()

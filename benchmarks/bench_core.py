@@ -45,11 +45,11 @@ PEERS = [("wanda", 0.5, "0:0"), ("sparsegpt", 0.5, "0:0"), ("wanda", 0.7, "0:0")
 
 def _setup():
     import prunewise as pw
-    from prunewise.runtime import keep_freed_memory
+    from prunewise.model.malloc import keep_freed_memory
 
     keep_freed_memory()  # as the CLI does
-    from prunewise.config import default_cache_dir
     from prunewise.data import calibration_ids, load_text, tokenize
+    from prunewise.storage.cache import default_cache_dir
 
     model, tok, src = pw.load_model("smollm2-135m")
     calib = calibration_ids(tok, "wiki", NSAMPLES, SEQLEN, 0, default_cache_dir())
@@ -77,7 +77,7 @@ def run_dense_pass() -> dict:
     """One dense pass of the calibration set through the 30 blocks (the floor of a sequential pruner)."""
     import torch
 
-    from prunewise.blocks import replay
+    from prunewise.model.sources import replay
 
     pw, model, _, calib, test_ids = _setup()
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
         ppl = pw.perplexity(pruned, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
 
         zeros = total = 0
-        from prunewise.models import block_linears, find_blocks, weight_matrix
+        from prunewise.model.layers import block_linears, find_blocks, weight_matrix
 
         for block in find_blocks(pruned)[1]:
             for _, m in block_linears(block):

@@ -43,9 +43,9 @@ def _rss() -> float:
 
 def _setup():
     import prunewise as pw
-    from prunewise.config import default_cache_dir
     from prunewise.data import calibration_ids
-    from prunewise.runtime import keep_freed_memory
+    from prunewise.model.malloc import keep_freed_memory
+    from prunewise.storage.cache import default_cache_dir
 
     keep_freed_memory()
     model, tok, _ = pw.load_model("smollm2-135m")
@@ -55,7 +55,7 @@ def _setup():
 
 def job_grad(norm: str, checkpointing: bool) -> dict:
     pw, model, _, calib = _setup()
-    from prunewise.gradients import collect_gradients
+    from prunewise.prune.gradients import collect_gradients
 
     base = _rss()
     t0 = time.perf_counter()
@@ -88,9 +88,9 @@ def job_fwdbwd() -> dict:
 
 def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cache: str) -> dict:
     pw, model, tok, calib = _setup()
-    from prunewise.config import default_cache_dir
     from prunewise.data import load_text, tokenize
-    from prunewise.pipeline import plan as _plan
+    from prunewise.run.pipeline import plan as _plan
+    from prunewise.storage.cache import default_cache_dir
 
     cfg = pw.PruneConfig(model="smollm2-135m", metric=metric, allocator=allocator, sparsity=sparsity, pattern=pat,
                          nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
@@ -113,7 +113,7 @@ def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cac
 
 def reference_design() -> dict:
     pw, model, _, _ = _setup()
-    from prunewise.models import block_linears, find_blocks, weight_matrix
+    from prunewise.model.layers import block_linears, find_blocks, weight_matrix
 
     params = sum(p.numel() for p in model.parameters())
     prunable = sum(weight_matrix(m).numel() for b in find_blocks(model)[1] for _, m in block_linears(b))

@@ -30,13 +30,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prunewise.allocation.esd import eigenvalues
 from prunewise.allocation.planner import build_profile
-from prunewise.allocation.providers import dense_input_norms
-from prunewise.blocks import BlockSource, replay
-from prunewise.engine import prune_model
-from prunewise.gradients import collect_gradients
-from prunewise.masks import parse_pattern
-from prunewise.models import weight_matrix
-from prunewise.pipeline import backup_weights, restore_weights
+from prunewise.allocation.statistics import dense_input_norms
+from prunewise.model.blocks import BlockSource
+from prunewise.model.layers import weight_matrix
+from prunewise.model.sources import replay
+from prunewise.prune.engine import prune_model
+from prunewise.prune.gradients import collect_gradients
+from prunewise.prune.masks import parse_pattern
+from prunewise.run.job import backup_weights, restore_weights
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096)
@@ -141,7 +142,7 @@ def main() -> int:
             except Exception as exc:  # e.g. the whole-model backward not fitting: say so, go on
                 emit({"pass": label, "error": str(exc).splitlines()[0][:200]})
     if "speed" not in skip:
-        from prunewise.speed import measure
+        from prunewise.evaluation.speed import measure
 
         pruned = copy.deepcopy(model)
         prune_model(pruned, None, metric="magnitude", allocation={n: 0.5 for n in names}, pattern=parse_pattern("2:4"),

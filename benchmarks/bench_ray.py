@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 import prunewise as pw
-from prunewise.sweep import Sweep, read_results, run_sweep
+from prunewise.run.results import read_results
+from prunewise.sweep.grid import Sweep
+from prunewise.run.trials import Executor
+from prunewise.sweep.runner import run_sweep
 
 SETTINGS = [("local", {}), ("ray", {"workers": 1, "threads": 2}), ("ray", {"workers": 2, "threads": 1})]
 
@@ -35,7 +38,7 @@ def main() -> int:
     for executor, options in SETTINGS:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            run_sweep(grid, Path(tmp) / "s", progress=False, executor=executor, executor_options=options)
+            run_sweep(grid, Path(tmp) / "s", progress=False, executor=Executor(executor, options))
             wall = time.perf_counter() - t0
             lines = [r for r in read_results(Path(tmp) / "s") if r["kind"] == "run"]
             per_run = statistics.median(r["wall_s"] for r in lines)

@@ -7,7 +7,7 @@ time, prune time, estimated peak, mode, mask digest) are read from its ``pruning
 - ``bundled``: the README's main job on SmolLM2-135M (Wanda 50%, 32 x 512 calibration tokens,
   perplexity on 16384 tokens), ``--stream off`` and ``--stream on`` alternating, ``--repeat`` times;
 - ``curve``: random-init LLaMA shapes from 0.16B to 3.5B parameters in bf16
-  (:func:`prunewise.streaming.random_checkpoint`, the bundled tokenizer), Wanda and SparseGPT,
+  (:func:`prunewise.model.streaming.random_checkpoint`, the bundled tokenizer), Wanda and SparseGPT,
   4 x 128 calibration tokens, no evaluation, streamed and in memory;
 - ``--limit GB`` runs every child under a cgroup v1 memory limit (root; the machine's own otherwise).
 
@@ -91,9 +91,9 @@ def curve(sizes: list[str], metrics: list[str], limit_gb: float | None, work: Pa
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
-    from prunewise.config import default_cache_dir
-    from prunewise.models import bundled_model_dir
-    from prunewise.streaming import random_checkpoint
+    from prunewise.model.loading import bundled_model_dir
+    from prunewise.model.streaming import random_checkpoint
+    from prunewise.storage.cache import default_cache_dir
 
     tok = AutoTokenizer.from_pretrained(bundled_model_dir("smollm2-135m", default_cache_dir()))
     rows = []
@@ -122,12 +122,12 @@ SCALE = {  # name: (hidden, layers, intermediate, heads, kv heads, vocab) — Ll
 
 
 def formula(shapes: dict, windows: int, eval_windows: int, seqlen: int) -> list[dict]:
-    """:func:`prunewise.memory.estimate` on meta skeletons of these shapes (bf16): nothing is allocated."""
+    """:func:`prunewise.model.memory.estimate` on meta skeletons of these shapes (bf16): nothing is allocated."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from prunewise.memory import estimate
+    from prunewise.model.memory import Workload, estimate
 
     rows = []
     for name, (d, layers, inter, heads, kv, vocab) in shapes.items():
@@ -136,9 +136,9 @@ def formula(shapes: dict, windows: int, eval_windows: int, seqlen: int) -> list[
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         for metric, hessians in (("wanda", False), ("sparsegpt", True)):
-            kw = dict(windows=windows, seqlen=seqlen, hessians=hessians, eval_windows=eval_windows,
-                      eval_seqlen=seqlen, available=1 << 60)
-            cpu, gpu = estimate(model, **kw), estimate(model, **kw, device="cuda")
+            work = Workload(windows=windows, seqlen=seqlen, hessians=hessians, eval_windows=eval_windows,
+                            eval_seqlen=seqlen)
+            cpu, gpu = estimate(model, work, available=1 << 60), estimate(model, work, available=1 << 60, device="cuda")
             row = {"model": name, "metric": metric, "weights_gb": cpu.parts["weights"] / 1e9,
                    "cpu_in_memory_gb": cpu.host_memory / 1e9, "cpu_streamed_gb": cpu.host_stream / 1e9,
                    "cuda_host_streamed_gb": gpu.host_stream / 1e9, "cuda_device_gb": gpu.device / 1e9,

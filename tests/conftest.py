@@ -1,59 +1,16 @@
-"""Shared fixtures: tiny random-init models of four architectures, a tiny tokenizer, text."""
+"""Shared fixtures over :mod:`helpers`: tiny models, a tiny tokenizer, text, a private cache."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
-
-VOCAB = 192
-WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which "
-    "but have an they you were her she there been one all we their has would when if more no out "
-    "so said what up its about into than them can only other new some could time these two may then "
-    "do first any my now such like our over man me even most made after also did many before must"
-).split()
-
+from helpers import ARCHS, VOCAB, make_text, make_tokenizer, tiny_model
 
 @pytest.fixture(autouse=True)
 def _private_cache(request, tmp_path_factory, monkeypatch):
     """Fast tests never write to the user's cache; real-model tests share it (converted model)."""
     if request.node.get_closest_marker("real") is None:
         monkeypatch.setenv("PRUNEWISE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 3):
-    if arch == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    if arch == "qwen2":  # grouped-query attention: 4 query heads, 2 key-value heads
-        return Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    if arch == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32)
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
-                          bos_token_id=0, eos_token_id=0)
-    raise ValueError(arch)
-
-
-ARCHS = ("llama", "qwen2", "opt", "gpt2")
-LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "opt": 6, "gpt2": 4}
-
-
-def tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB, layers: int = 3):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, layers), attn_implementation="eager").eval()
-    # Random init is near-Gaussian; spread the weight scales so metrics disagree visibly.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(torch.rand(p.shape[1]) * 4 + 0.1)
-    model.config.use_cache = False
-    return model
 
 
 @pytest.fixture(params=ARCHS)
@@ -65,32 +22,6 @@ def arch(request):
 def calib():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (6, 24), generator=g)
-
-
-def make_text(n_words: int = 4000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    sentences, words = [], 0
-    while words < n_words:
-        k = rng.randint(5, 14)
-        sentences.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
-        words += k
-    paragraphs = [" ".join(sentences[i : i + 6]) for i in range(0, len(sentences), 6)]
-    return "\n\n".join(paragraphs)
-
-
-def make_tokenizer():
-    """A word-level fast tokenizer over WORDS (+ punctuation), small enough for tiny models."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[BOS]": 1, ".": 2}
-    for w in WORDS:
-        for form in (w, w.capitalize()):
-            vocab.setdefault(form, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]")
-    return fast
 
 
 @pytest.fixture(scope="session")
@@ -112,19 +43,6 @@ def text(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "t.txt"
     p.write_text(make_text(3000), encoding="utf-8")
     return p
-
-
-def last_block_output(model, ids):
-    """The last decoder block's output in one full forward pass (what replay must reproduce)."""
-    from prunewise.models import find_blocks
-
-    _, blocks = find_blocks(model)
-    grabbed = []
-    handle = blocks[-1].register_forward_hook(lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    handle.remove()
-    return grabbed[0]
 
 
 @pytest.fixture

@@ -107,8 +107,8 @@ def test_alphapruning_exponents_match_reference_code(tmp_path):
     import prunewise as pw
     from prunewise.allocation.esd import alpha_hill
     from prunewise.allocation.planner import build_profile
-    from prunewise.allocation.providers import StatContext, provide
-    from prunewise.blocks import BlockSource
+    from prunewise.allocation.statistics import StatContext, provide
+    from prunewise.model.blocks import BlockSource
 
     model, _, _ = pw.load_model("smollm2-135m")
     profile = build_profile(BlockSource(model))
@@ -149,7 +149,7 @@ def test_wiki_cloze_documents_are_true_continuations():
     import importlib.util
 
     from prunewise.data import wiki_splits
-    from prunewise.evaluate import BUILTIN_TASKS
+    from prunewise.evaluation.zeroshot import BUILTIN_TASKS
 
     spec = importlib.util.spec_from_file_location("wiki_cloze", BUILTIN_TASKS / "wiki_cloze.py")
     module = importlib.util.module_from_spec(spec)
@@ -168,7 +168,7 @@ def test_sweep_with_zero_shot_and_report(tmp_path, capsys):
     """A small sweep on the real model with the offline wiki_cloze task: the dense model is far
     above chance (25%) and magnitude at 70% falls to near chance, Wanda beats magnitude in
     perplexity; the report holds both tables."""
-    from prunewise.sweep import read_results
+    from prunewise.run.results import read_results
 
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", "smollm2-135m", "--metric", "magnitude", "wanda", "--sparsity", "0.7",

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import prunewise as pw
-from conftest import LINEARS_PER_BLOCK, make_text, tiny_model
-from prunewise.allocation import check_allocation
+from helpers import LINEARS_PER_BLOCK, make_text, tiny_model
 from prunewise.allocation.planner import build_profile
-from prunewise.allocation.providers import STATISTICS, StatContext, provide
-from prunewise.blocks import BlockSource, replay_step
+from prunewise.allocation.profile import check_allocation
+from prunewise.allocation.statistics import STATISTICS, StatContext, provide
 from prunewise.errors import ConfigError, PrunewiseError
-from prunewise.export import EXPORTERS
-from prunewise.models import weight_matrix
-from prunewise.record import SCHEMA, RunRecord
+from prunewise.model.blocks import BlockSource, replay_step
+from prunewise.model.layers import weight_matrix
+from prunewise.prune.stats import KNOWN, LayerStats
 from prunewise.registry import ALLOCATORS, METRICS
-from prunewise.stats import KNOWN, LayerStats
+from prunewise.run.export import EXPORTERS
+from prunewise.run.record import SCHEMA, RunRecord
 
 # Cheap settings for allocators whose defaults run long searches; any other allocator runs as named.
 CHEAP = {"atp": "atp:step=0.1,heldout=2", "mrp": "mrp:stats=dynamic,rounds=2"}
@@ -65,7 +65,7 @@ def test_every_allocator_honours_the_contract(allocator, calib, tokenizer, text_
     assert "Deviations from reference" in (importlib.import_module(entry.fn.__module__).__doc__ or "") \
         or allocator == "uniform"
     spec = CHEAP.get(allocator, allocator)
-    patterns = [("unstructured", 0.6)] + ([("4:8", None)] if entry.extra.get("nm") else [])
+    patterns = [("unstructured", 0.6)] + ([("4:8", None)] if entry.nm else [])
     for pattern, sparsity in patterns:
         model = tiny_model("llama", layers=4)
         dense = _state(model)
@@ -233,7 +233,7 @@ def test_exporters_are_registered_by_name_and_saving_is_all_or_nothing(saved_mod
 def test_plots_leave_matplotlib_global_state_alone(tmp_path):
     code = (
         "import sys, matplotlib; raw = lambda: dict.__getitem__(matplotlib.rcParams, 'backend'); before = raw();"
-        "from prunewise.plots import plot_block_profile;"
+        "from prunewise.report.plots import plot_block_profile;"
         f"plot_block_profile([0.4, 0.6], 0.5, r'{tmp_path / 'p.png'}', 't', "
         "{'parameter': 'beta', 'chosen': 0.1, 'curve': [{'beta': 0.0, 'ppl': 2.0}, {'beta': 0.1, 'ppl': 1.5}]});"
         "print('matplotlib.pyplot' in sys.modules, raw() == before)"

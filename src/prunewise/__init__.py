@@ -12,24 +12,25 @@ Public API::
     pw.write_report("sweeps/a")
 """
 
-__version__ = "0.1.0"
-
-from . import allocation, metrics  # noqa: E402,F401  (register the methods)
-from .allocation.planner import Plan  # noqa: E402
-from .config import PruneConfig  # noqa: E402
-from .engine import PruneResult, prune_model  # noqa: E402
-from .errors import ConfigError, PrunewiseError  # noqa: E402
-from .evaluate import evaluate, perplexity, zero_shot  # noqa: E402
-from .masks import parse_pattern  # noqa: E402
-from .models import find_blocks, load_model  # noqa: E402
-from .pipeline import plan, prune, run  # noqa: E402
-from .record import RunRecord  # noqa: E402
-from .registry import ALLOCATORS, METRICS  # noqa: E402
-from .report import write_report  # noqa: E402
-from .sweep import Sweep, run_sweep  # noqa: E402
+from . import allocation, metrics  # noqa: F401  (register the methods)
+from .allocation.planner import Plan
+from .config import PruneConfig
+from .errors import ConfigError, PrunewiseError
+from .evaluation.perplexity import evaluate, perplexity
+from .evaluation.zeroshot import zero_shot
+from .model.layers import find_blocks
+from .model.loading import load_model
+from .prune.engine import PruneResult, prune_model
+from .prune.masks import parse_pattern
+from .registry import ALLOCATORS, METRICS
+from .report import write_report
+from .run.pipeline import plan, prune, run
+from .run.record import RunRecord
+from .sweep import Sweep, run_sweep
+from .version import __version__
 
 __all__ = [
     "ALLOCATORS", "METRICS", "ConfigError", "Plan", "PruneConfig", "PruneResult", "PrunewiseError",
     "evaluate", "find_blocks", "load_model", "parse_pattern", "perplexity", "plan", "prune",
-    "prune_model", "run", "RunRecord", "Sweep", "run_sweep", "write_report", "zero_shot",
+    "prune_model", "run", "RunRecord", "Sweep", "run_sweep", "write_report", "zero_shot", "__version__",
 ]

@@ -1,6 +1,6 @@
 """Command line: ``prunewise prune | eval | sweep | report | list``.
 
-A thin skin over :mod:`prunewise.pipeline`: parse, build a :class:`PruneConfig`, call the
+A thin skin over :mod:`prunewise.run.pipeline`: parse, build a :class:`PruneConfig`, call the
 library, print tables. Bad input gets one line on stderr and exit code 2 (``-v`` shows the
 traceback).
 """
@@ -9,20 +9,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from . import __version__
-from .allocation.providers import STATISTICS
-from .config import DTYPES, MODES, PROPAGATE, PruneConfig, default_cache_dir
+from .allocation.statistics import STATISTICS
+from .config import DTYPE_CHOICES, PruneConfig, default_device
 from .errors import PrunewiseError
-from .export import EXPORTERS
-from .memory import STREAM_CHOICES
-from .record import RECORD, RunRecord
+from .evaluation.speed import measure, tables
+from .model.loading import load_model
+from .model.malloc import keep_freed_memory
+from .model.memory import STREAM_CHOICES
+from .prune.engine import MODES, PROPAGATE
 from .registry import ALLOCATORS, METRICS
-from .tables import block_table, layer_table, ppl_table, zero_shot_columns
+from .report import write_report
+from .report.plots import save_profile_plot
+from .report.tables import block_table, layer_table, ppl_table, zero_shot_columns
+from .run.evaluate import EvalOptions, evaluate_run, load_dense_source
+from .run.export import EXPORTERS
+from .run.pipeline import RunOptions, run
+from .run.record import RECORD, RunRecord
+from .run.results import read_results
+from .run.trials import Executor
+from .storage.cache import default_cache_dir, resolve_cache_dir
+from .sweep import Sweep, SweepOptions, label, run_key, run_sweep
+from .version import __version__
 
 log = logging.getLogger("prunewise")
 
@@ -48,8 +61,9 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPUs (and torch threads) per Ray worker (default 1)")
 
 
-def _executor_options(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ("workers", "address", "threads") if getattr(args, k) is not None}
+def _executor(args: argparse.Namespace) -> Executor:
+    return Executor(args.executor, {k: getattr(args, k) for k in ("workers", "address", "threads")
+                                    if getattr(args, k) is not None})
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +90,7 @@ def _run_args(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--propagate", choices=PROPAGATE, help="next block's inputs from the pruned (default) or dense block")
     p.add_argument("--batch-size", dest="batch_size", type=int, help=f"windows per forward pass (default {d.batch_size})")
     p.add_argument("--device", help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="model dtype (default auto: as stored; fp32 for GGUF)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype (default auto: as stored; fp32 for GGUF)")
     p.add_argument("--stream", choices=STREAM_CHOICES, help="read each decoder block from the checkpoint when its "
                    "turn comes (on), load the model whole (off), or stream when it would not fit in memory "
                    "(auto, default)")
@@ -131,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="evaluate on the first N tokens only")
     e.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     e.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
-    e.add_argument("--dtype", choices=DTYPES, default="auto")
+    e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     e.add_argument("--stream", choices=STREAM_CHOICES, default="auto",
                    help="read each block from the checkpoint (on), load whole (off), or stream when it would not fit (auto)")
     e.add_argument("--no-dense", action="store_true", help="do not evaluate the dense source model of a run")
@@ -143,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-layer matmul times; 2:4 layers also through sparse kernels on GPUs that have them.")
     sp.add_argument("--model", required=True, help="a prunewise run folder (or any model: then measured alone)")
     sp.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
-    sp.add_argument("--dtype", choices=DTYPES, default="auto", help="load both models in this dtype (default: as stored)")
+    sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load both models in this dtype (default: as stored)")
     sp.add_argument("--shapes", default="1x128,1x512,4x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
     sp.add_argument("--decode", default="1,16", help="decode batch sizes, comma-separated")
     sp.add_argument("--steps", type=int, default=32, help="tokens generated per decode measurement")
@@ -184,16 +198,13 @@ TIMED = (("loading and calibration data", "load_s"), ("allocation", "plan_s"), (
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .plots import save_profile_plot
-
     config, expect = _config_from_args(args)
     if args.out is None and not args.dry_run:
         print("no --out given: the pruned model will not be saved", flush=True)
-    output = run(config, out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
-                 progress=not args.quiet, dry_run=args.dry_run, format=args.format, on_preview=_print_preview,
-                 trust_remote_code=args.trust_remote_code, expect=expect, executor=args.executor,
-                 executor_options=_executor_options(args))
+    output = run(config, RunOptions(out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
+                                    progress=not args.quiet, dry_run=args.dry_run, format=args.format,
+                                    on_preview=_print_preview, trust_remote_code=args.trust_remote_code,
+                                    expect=expect, executor=_executor(args)))
     rec = output.record
     if args.out is not None and not args.dry_run:
         save_profile_plot(rec, args.out)
@@ -255,13 +266,11 @@ def _print_preview(works) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .pipeline import evaluate_run
-
-    out = evaluate_run(args.model, data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens,
-                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, tasks=args.tasks,
-                       include_path=args.include_path, limit=args.limit, dense=not args.no_dense,
-                       cache_dir=args.cache_dir, progress=not args.quiet, trust_remote_code=args.trust_remote_code,
-                       stream=args.stream)
+    out = evaluate_run(args.model, EvalOptions(
+        data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, tasks=args.tasks, include_path=args.include_path, limit=args.limit,
+        dense=not args.no_dense, cache_dir=args.cache_dir, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code, stream=args.stream))
     if out.perplexity:
         print(ppl_table(out.perplexity))
     if out.zero_shot:
@@ -282,14 +291,6 @@ def _ints(text: str, what: str) -> list:
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from .config import default_device, resolve_cache_dir
-    from .models import load_model
-    from .pipeline import load_dense_source
-    from .speed import measure, tables
-
     shapes = _ints(args.shapes, "shapes")
     if any(not isinstance(s, tuple) or len(s) != 2 for s in shapes):
         raise PrunewiseError(f"shapes: expected BATCHxLENGTH items, got '{args.shapes}'")
@@ -314,8 +315,6 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import Sweep, label, read_results, run_key, run_sweep
-
     values = {name: getattr(args, name, None) for name in CONFIG_FIELDS}
     if args.no_eval:
         values["eval_data"] = None
@@ -332,9 +331,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{run_key(config)}  {status.get(run_key(config), 'to do'):<6}  {label(config)}")
         print(f"{len(runs)} runs, {sum(run_key(c) in status for c in runs)} already in {args.out}")
         return 0
-    summary = run_sweep(sweep, args.out, cache_dir=args.cache_dir, progress=not args.quiet, save=args.save,
-                        retry_failed=args.retry_failed, trust_remote_code=args.trust_remote_code,
-                        executor=args.executor, executor_options=_executor_options(args))
+    summary = run_sweep(sweep, args.out, SweepOptions(cache_dir=args.cache_dir, progress=not args.quiet,
+                                                      save=args.save, retry_failed=args.retry_failed,
+                                                      trust_remote_code=args.trust_remote_code,
+                                                      executor=_executor(args)))
     print(f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
           f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}")
     print(f"report: prunewise report {summary.out}")
@@ -342,8 +342,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
     path = write_report(args.dir, args.out, args.notes)
     print(f"wrote {path}")
     return 0
@@ -357,13 +355,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("metrics (--metric NAME[:key=value,...]):")
     width = max(len(",".join(e.needs) or "-") for e in METRICS)
     for e in METRICS:
-        print(f"  {e.name:<12} {e.extra.get('kind', 'score'):<7} needs={','.join(e.needs) or '-':<{width}} hyper: {hyper(e)}")
+        print(f"  {e.name:<12} {e.kind:<7} needs={','.join(e.needs) or '-':<{width}} hyper: {hyper(e)}")
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
     print("allocators (--allocator NAME[:key=value,...]):")
     width = max(len(",".join(e.needs) or "-") for e in ALLOCATORS)
     for e in ALLOCATORS:
-        nm = "uniform N:M" if e.name == "uniform" else "mixed N:M per block" if e.extra.get("nm") else "unstructured only"
+        nm = "uniform N:M" if e.baseline else "mixed N:M per block" if e.nm else "unstructured only"
         print(f"  {e.name:<12} needs={','.join(e.needs) or '-':<{width}} {nm:<19} hyper: {hyper(e)}")
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
@@ -398,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    from .runtime import keep_freed_memory
-
     keep_freed_memory()
     commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "speed": cmd_speed,
                 "list": cmd_list}

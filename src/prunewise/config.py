@@ -13,36 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import ConfigError
-from .masks import Pattern, parse_pattern
-from .memory import STREAM_CHOICES
-from .models import DTYPES as TORCH_DTYPES
-from .registry import ALLOCATORS, METRICS, parse_spec
+from .model.loading import TORCH_DTYPES
+from .model.memory import STREAM_CHOICES
+from .prune.engine import MODES, PROPAGATE
+from .prune.masks import Pattern, parse_pattern
+from .registry import ALLOCATORS, METRICS, Entry, parse_spec
+from .storage.cache import default_cache_dir, resolve_cache_dir  # noqa: F401  (where runs cache)
 
-MODES = ("two-pass", "single-pass")
-PROPAGATE = ("pruned", "dense")
-DTYPES = ("auto", *TORCH_DTYPES)
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("PRUNEWISE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "prunewise"
+DTYPE_CHOICES = ("auto", *TORCH_DTYPES)
 
 
 def default_device() -> str:
     """``$PRUNEWISE_DEVICE`` (e.g. ``cuda``) or ``cpu``: the device of every run that names none."""
     return os.environ.get("PRUNEWISE_DEVICE", "").strip() or "cpu"
-
-
-def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
-    """The cache folder to use: ``cache_dir`` if given, else :func:`default_cache_dir`."""
-    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"cache_dir: {path} is a file, not a folder")
-    return path
 
 
 @dataclass(frozen=True)
@@ -59,8 +45,8 @@ class PruneConfig:
     accuracy of the dense and pruned model; ``include_path`` is a folder of local lm-eval task
     YAML files and ``limit`` caps the examples per task (an integer, or a fraction below 1).
     ``stream`` places the model: ``on`` reads each decoder block from the checkpoint when its
-    turn comes (:mod:`prunewise.streaming`), ``off`` loads it whole, ``auto`` streams when the
-    run's estimated memory does not fit (:mod:`prunewise.memory`); results are the same.
+    turn comes (:mod:`prunewise.model.streaming`), ``off`` loads it whole, ``auto`` streams when the
+    run's estimated memory does not fit (:mod:`prunewise.model.memory`); results are the same.
     """
 
     model: str = "smollm2-135m"
@@ -105,6 +91,11 @@ class PruneConfig:
         name, params = parse_spec(self.metric, "metric")
         return name, METRICS.get(name).bind(params)
 
+    @property
+    def metric_entry(self) -> Entry:
+        """The metric's registry entry."""
+        return METRICS.get(self.metric_spec[0])
+
     @functools.cached_property
     def allocator_spec(self) -> tuple[str, dict[str, Any]]:
         """``(name, every hyper-parameter bound and typed)``, parsed once per config."""
@@ -138,10 +129,10 @@ class PruneConfig:
                     "sparsity",
                     f"pattern {pat} fixes the sparsity at {pat.sparsity:g}, got {s}; drop --sparsity or change the pattern",
                 )
-        if pat.group and METRICS.get(metric_name).extra.get("kind") == "solver":
+        if pat.group and METRICS.get(metric_name).solver:
             raise ConfigError(f"pattern: '{metric_name}' chooses its own comparison groups; use plain 'unstructured'")
-        if pat.is_nm and not ALLOCATORS.get(alloc_name).extra.get("nm"):
-            nm = [e.name for e in ALLOCATORS if e.extra.get("nm")]
+        if pat.is_nm and not ALLOCATORS.get(alloc_name).nm:
+            nm = [e.name for e in ALLOCATORS if e.nm]
             raise ConfigError(
                 f"allocator: '{alloc_name}' needs an unstructured pattern; with N:M use one of {', '.join(nm)} "
                 "(uniform, or mixed N:M per block)"
@@ -153,7 +144,7 @@ class PruneConfig:
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", f"must be an integer, got {self.seed!r}")
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.propagate in PROPAGATE, "propagate", f"must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         need(self.stream in STREAM_CHOICES, "stream", f"must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}")
         need(
             self.device == "cpu" or self.device.startswith("cuda"),
@@ -161,7 +152,7 @@ class PruneConfig:
             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
         if self.device.startswith("cuda"):
-            import torch
+
 
             need(torch.cuda.is_available(), "device", f"'{self.device}' requested but CUDA is not available; use --device cpu")
         if self.mode == "single-pass":

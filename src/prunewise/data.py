@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import PrunewiseError
-from .statcache import cached
+from .storage.cache import cached
 
 log = logging.getLogger(__name__)
 

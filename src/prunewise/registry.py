@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,15 +76,47 @@ class Range:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered method."""
+    """One registered method, with typed registration fields (a misspelt field is a ``TypeError``
+    at registration, never a silent default). Fields that do not apply to a registry keep their
+    defaults.
+
+    Every registry: ``rank`` (the papers' order in tables; baselines first), ``ranges`` and
+    ``choices`` (the rules of the hyper-parameters' values, checked by :meth:`check`).
+    Metrics: ``kind`` (``score`` or ``solver``), ``group`` (the comparison group of unstructured
+    masks: ``row``, ``matrix``, ``block``), ``grad_options`` (the options of the ``grad``
+    statistic its hyper-parameters ask for), ``beats`` (the metrics its paper reports beating, which
+reports check). Allocators: ``nm`` (works with N:M patterns),
+    ``baseline`` (the allocation others are compared against: uniform), ``needs_for`` (needs that
+    depend on the bound hyper-parameters and the metric), ``driver_for`` (the driver that prunes
+    trial models, for these hyper-parameters, or None) and ``driver_cost`` (its dry-run preview).
+    Statistics: ``calibration`` (computed from calibration data) and ``cost`` (its dry-run preview).
+    """
 
     name: str
     fn: Callable[..., Any]
-    kind: str
+    category: str  # the registry: "metric", "allocator", "statistic", "format"
     summary: str
     paper: str = ""
     needs: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+    ranges: Mapping[str, Range] = field(default_factory=dict)
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    kind: str = "score"
+    group: str = "row"
+    grad_options: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    beats: tuple[str, ...] = ()
+    nm: bool = False
+    baseline: bool = False
+    needs_for: Callable[[dict[str, Any], str], tuple[str, ...]] | None = None
+    driver_for: Callable[[dict[str, Any]], Callable[..., Any] | None] | None = None
+    driver_cost: Callable[..., Any] | None = None
+    calibration: bool = False
+    cost: Callable[..., Any] | None = None
+
+    @property
+    def solver(self) -> bool:
+        """A metric that chooses its own mask while updating the weights (SparseGPT)."""
+        return self.kind == "solver"
 
     def hyperparameters(self) -> dict[str, Any]:
         sig = inspect.signature(self.fn)
@@ -102,21 +134,21 @@ class Entry:
             if key not in hyper:
                 known = ", ".join(sorted(hyper)) or "none"
                 raise ConfigError(
-                    f"{self.kind}: '{self.name}' has no hyper-parameter '{key}'"
+                    f"{self.category}: '{self.name}' has no hyper-parameter '{key}'"
                     f"{suggest(key, list(hyper))} (it takes: {known})"
                 )
             default = hyper[key]
             if isinstance(default, bool):
                 if not isinstance(value, bool):
-                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be true or false, got {value!r}")
+                    raise ConfigError(f"{self.category}: {self.name}.{key} must be true or false, got {value!r}")
             elif isinstance(default, int) and not isinstance(value, bool):
                 if isinstance(value, float) and value.is_integer():
                     value = int(value)
                 if not isinstance(value, int):
-                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be an integer, got {value!r}")
+                    raise ConfigError(f"{self.category}: {self.name}.{key} must be an integer, got {value!r}")
             elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{self.kind}: {self.name}.{key} must be a number, got {value!r}")
+                    raise ConfigError(f"{self.category}: {self.name}.{key} must be a number, got {value!r}")
                 value = float(value)
             out[key] = value
         self.check(out)
@@ -125,30 +157,31 @@ class Entry:
     def check(self, params: dict[str, Any]) -> None:
         """The values' own rules, declared at registration: ``ranges={key: Range}`` for numbers
         (which must also be finite), ``choices={key: (...)}`` for words."""
-        ranges, choices = self.extra.get("ranges", {}), self.extra.get("choices", {})
+        ranges, choices = self.ranges, self.choices
         for key, value in params.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{self.kind}: {self.name}.{key} must be a finite number, got {value!r}")
+                raise ConfigError(f"{self.category}: {self.name}.{key} must be a finite number, got {value!r}")
             if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool) \
                     and not ranges[key].holds(value):
-                raise ConfigError(f"{self.kind}: {self.name}.{key} must be in {ranges[key]}, got {value!r}")
+                raise ConfigError(f"{self.category}: {self.name}.{key} must be in {ranges[key]}, got {value!r}")
             if key in choices and isinstance(value, str) and value not in choices[key]:
-                raise ConfigError(f"{self.kind}: {self.name}.{key} must be one of {', '.join(choices[key])}, "
+                raise ConfigError(f"{self.category}: {self.name}.{key} must be one of {', '.join(choices[key])}, "
                                   f"got '{value}'{suggest(value, list(choices[key]))}")
 
 
 class Registry:
     """A name -> :class:`Entry` table for one kind of method."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, category: str):
+        self.category = category
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, summary: str, paper: str = "", needs: tuple[str, ...] = (), **extra: Any):
+    def register(self, name: str, *, summary: str, paper: str = "", needs: tuple[str, ...] = (), **fields: Any):
+        """Register a function under ``name``; ``fields`` are :class:`Entry`'s typed fields."""
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._entries[name] = Entry(name, fn, self.kind, summary, paper, tuple(needs), dict(extra))
+                raise ValueError(f"{self.category} '{name}' is registered twice")
+            self._entries[name] = Entry(name, fn, self.category, summary, paper, tuple(needs), **fields)
             return fn
 
         return decorator
@@ -157,7 +190,7 @@ class Registry:
         key = name.strip().lower()
         if key not in self._entries:
             raise ConfigError(
-                f"{self.kind}: unknown {self.kind} '{name}'{suggest(key, self.names())}"
+                f"{self.category}: unknown {self.category} '{name}'{suggest(key, self.names())}"
                 f" (choices: {', '.join(self.names())})"
             )
         return self._entries[key]
@@ -167,10 +200,18 @@ class Registry:
 
     def __iter__(self):
         """Entries in the registry's order: by ``rank`` (the papers' order: baselines first), then name."""
-        return iter(sorted(self._entries.values(), key=lambda e: (e.extra.get("rank", len(self._entries)), e.name)))
+        return iter(sorted(self._entries.values(), key=lambda e: (len(self._entries) if e.rank is None else e.rank, e.name)))
 
     def __contains__(self, name: str) -> bool:
         return name.strip().lower() in self._entries
+
+
+    def first(self, predicate: Callable[[Entry], bool]) -> Entry:
+        """The first entry in the registry's order for which ``predicate`` holds."""
+        for entry in self:
+            if predicate(entry):
+                return entry
+        raise ConfigError(f"{self.category}: none registered fits")
 
 
 METRICS = Registry("metric")

@@ -27,8 +27,8 @@ Deviations from reference:
 from __future__ import annotations
 
 from ..registry import ALLOCATORS, Range
-from . import Profile, clamp_to_budget
 from .esd import FITS, alpha_hill
+from .profile import Profile, clamp_to_budget
 
 GRANULARITIES = ("block", "matrix")
 

@@ -40,7 +40,8 @@ import time
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, Range
-from . import Profile, check_allocation, mixed_nm
+from .cost import Work, prune_cost
+from .profile import Profile, check_allocation, mixed_nm
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def _driver_for(params: dict):
 
 
 def _search_cost(ctx, rates, sparsity: float, params: dict, mode: str):
-    """What :func:`search` will do, for a dry run's preview (:mod:`prunewise.allocation.preview`)."""
-    from .preview import Work, prune_cost
-
+    """What :func:`search` will do, for a dry run's preview (:mod:`prunewise.allocation.cost`)."""
     n = 1 + len(beta_grid(ctx.profile, sparsity, params["step"]))
     each = prune_cost(ctx, rates, mode) + rates.passes(params["heldout"])
     top, _ = beta_range(ctx.profile, sparsity)

@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, Range
-from . import Profile, block_profile, layer_scores
+from .cost import Work, prune_cost
+from .profile import Profile, block_profile, layer_scores
 
 KNOTS = 4096
 SCORES = ("auto", "magnitude", "wanda")
@@ -198,9 +199,7 @@ def _driver_for(params: dict):
 
 
 def _dynamic_cost(ctx, rates, sparsity: float, params: dict, mode: str):
-    """What :func:`dynamic` will do, for a dry run's preview (:mod:`prunewise.allocation.preview`)."""
-    from .preview import Work, prune_cost
-
+    """What :func:`dynamic` will do, for a dry run's preview (:mod:`prunewise.allocation.cost`)."""
     n = params["rounds"] - 1
     remeasure = rates.passes(ctx.calib.shape[0]) if "dense_input_norm" in _needs(params, ctx.metric.name) else 0.0
     return Work(f"mrp rounds: {n} trial prunings with {ctx.metric.name}, statistics re-measured after each",

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import ALLOCATORS, Range
-from . import Profile, block_clamp, layer_scores, mixed_nm
+from .profile import Profile, block_clamp, layer_scores, mixed_nm
 
 
 def outlier_ratios(profile: Profile, m: float) -> list[float]:

@@ -1,7 +1,7 @@
 """Planning: the per-layer sparsity targets of a run, from its allocator, in one place.
 
 :func:`make_plan` builds the :class:`Profile` (every prunable layer of the block source), fills
-the statistics the allocator declared (:mod:`prunewise.allocation.providers`), and calls the
+the statistics the allocator declared (:mod:`prunewise.allocation.statistics`), and calls the
 allocator — or, for settings that must prune trial models (ATP's ``beta=auto`` search, MRP's
 ``stats=dynamic`` rounds), the allocator's registered *driver*. An allocator declares a driver
 with ``driver_for=fn(bound params) -> driver or None`` in the registry; a driver is
@@ -18,10 +18,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..models import weight_matrix
+from ..model.layers import weight_matrix
 from ..registry import ALLOCATORS
-from . import LayerInfo, Profile, check_allocation
-from .providers import StatContext, provide
+from .cost import Rates, Work
+from .profile import LayerInfo, Profile, check_allocation
+from .statistics import STATISTICS, StatContext, provide
 
 
 @dataclass
@@ -77,13 +78,13 @@ def build_profile(source) -> Profile:
 def allocator_needs(name: str, params: dict[str, Any], metric: str) -> tuple[str, ...]:
     """The statistics an allocator needs (some depend on its parameters and the run's metric)."""
     entry = ALLOCATORS.get(name)
-    needs_for = entry.extra.get("needs_for")
+    needs_for = entry.needs_for
     return tuple(needs_for(params, metric)) if needs_for else entry.needs
 
 
 def driver_of(name: str, params: dict[str, Any]):
     """The allocator's driver for these parameters (it prunes trial models), or None."""
-    driver_for = ALLOCATORS.get(name).extra.get("driver_for")
+    driver_for = ALLOCATORS.get(name).driver_for
     return driver_for(params) if driver_for else None
 
 
@@ -112,3 +113,21 @@ def make_plan(ctx: StatContext, name: str, params: dict[str, Any], sparsity: flo
         trials.restore()
     check_allocation(name, profile, allocation, sparsity)
     return Plan(profile, allocation, details, time.perf_counter() - start)
+
+
+def preview(ctx: StatContext, name: str, params: dict, sparsity: float, mode: str = "two-pass") -> list[Work]:
+    """The heavy steps of planning allocator ``name`` on ``ctx`` (nothing is computed but two timings)."""
+    rates = Rates(ctx)
+    needs = list(allocator_needs(name, params, ctx.metric.name))
+    driver = driver_of(name, params) is not None
+    if driver:  # trial prunings compute the metric's own statistics (gradients) too, once
+        needs += [n for n in ctx.metric.needs if n in STATISTICS and n not in needs]
+    works = []
+    for need in needs:
+        cost = STATISTICS.get(need).cost
+        work = cost(ctx, rates) if cost else None
+        if work is not None:
+            works.append(work)
+    if driver:
+        works.append(ALLOCATORS.get(name).driver_cost(ctx, rates, sparsity, params, mode))
+    return works

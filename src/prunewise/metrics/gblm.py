@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from ..gradients import NORMS
+from ..prune.gradients import NORMS
+from ..prune.stats import LayerStats
 from ..registry import METRICS, Range
-from ..stats import LayerStats
 
 RULES = {"ranges": {"scale": Range(gt=0)}, "choices": {"norm": NORMS}}
 
@@ -59,6 +59,7 @@ def grad_options(params: dict) -> dict:
     needs=("input_norm", "grad"),
     kind="score",
     group="row",
+    beats=("wanda",),
     grad_options=grad_options,
     **RULES,
 )

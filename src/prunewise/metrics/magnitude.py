@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..prune.stats import LayerStats
 from ..registry import METRICS
-from ..stats import LayerStats
 
 
 @METRICS.register(
@@ -30,4 +30,9 @@ from ..stats import LayerStats
     group="matrix",
 )
 def score(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    return scores(weight)
+
+
+def scores(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|`` in float32 (also MRP's scores with ``score=magnitude``)."""
     return weight.detach().float().abs()

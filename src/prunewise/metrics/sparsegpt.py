@@ -32,9 +32,9 @@ import logging
 
 import torch
 
-from ..masks import Pattern, lowest_in_matrix, spread_counts, target_count
+from ..prune.masks import Pattern, lowest_in_matrix, spread_counts, target_count
+from ..prune.stats import LayerStats
 from ..registry import METRICS, Range
-from ..stats import LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
     needs=("hessian",),
     kind="solver",
     group="block",
+    beats=("magnitude", "wanda"),
     ranges={"blocksize": Range(ge=1), "percdamp": Range(ge=0)},
 )
 def solve(

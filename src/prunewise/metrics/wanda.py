@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..prune.stats import LayerStats
 from ..registry import METRICS
-from ..stats import LayerStats
 
 
 @METRICS.register(
@@ -30,6 +30,12 @@ from ..stats import LayerStats
     needs=("input_norm",),
     kind="score",
     group="row",
+    beats=("magnitude",),
 )
 def score(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-    return weight.detach().float().abs() * stats.input_norm().to(weight.device).unsqueeze(0)
+    return scores(weight, stats.input_norm())
+
+
+def scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * a_j`` from the input norms ``a`` ``[C_in]`` (also OWL's and MRP's scores)."""
+    return weight.detach().float().abs() * input_norm.to(weight.device).float().unsqueeze(0)

