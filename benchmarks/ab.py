@@ -22,8 +22,9 @@ import time
 def run_once(src: str, argv: list[str]) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "prunewise.cli", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunewise.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -46,8 +47,10 @@ def main() -> int:
             results[name].append((wall, rss))
             print(f"run {i + 1} {name}: {wall:.1f} s, peak RSS {rss:.2f} GB", flush=True)
     for name, rows in results.items():
-        print(f"{name} ({getattr(args, name)}): median {statistics.median(w for w, _ in rows):.1f} s, "
-              f"peak RSS {statistics.median(r for _, r in rows):.2f} GB over {len(rows)} runs")
+        print(
+            f"{name} ({getattr(args, name)}): median {statistics.median(w for w, _ in rows):.1f} s, "
+            f"peak RSS {statistics.median(r for _, r in rows):.2f} GB over {len(rows)} runs"
+        )
     return 0
 
 

@@ -112,15 +112,24 @@ def main() -> None:
                 spec = alloc
                 if alloc.startswith("atp") and metric not in ("magnitude", "wanda") and sparsity in wanda_beta:
                     spec = f"atp:beta={wanda_beta[sparsity]}"
-                cfg = pw.PruneConfig(model="smollm2-135m", metric=metric, allocator=spec, sparsity=sparsity,
-                                     nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
+                cfg = pw.PruneConfig(
+                    model="smollm2-135m",
+                    metric=metric,
+                    allocator=spec,
+                    sparsity=sparsity,
+                    nsamples=NSAMPLES,
+                    seqlen=SEQLEN,
+                    calib="wiki",
+                )
                 name = alloc.split(":")[0]
                 cold = name not in seen_alloc
                 seen_alloc.add(name)
                 row = {"metric": metric, "allocator": alloc, "spec": spec, "sparsity": sparsity, "cold": cold}
                 try:
                     t0 = time.perf_counter()
-                    planned = _plan(model, cfg, stat_cache, tokenizer=tok, calib=calib, progress=False, dense_weights=dense)
+                    planned = _plan(
+                        model, cfg, stat_cache, tokenizer=tok, calib=calib, progress=False, dense_weights=dense
+                    )
                     row["plan_s"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     res = pw.prune(model, tok, cfg, calib=calib, allocation=planned.allocation, progress=False)

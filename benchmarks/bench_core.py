@@ -39,8 +39,14 @@ OURS = [
     ("sparsegpt", 0.5, "unstructured", "single-pass"),
     ("sparsegpt", 0.7, "unstructured", "single-pass"),
 ]
-PEERS = [("wanda", 0.5, "0:0"), ("sparsegpt", 0.5, "0:0"), ("wanda", 0.7, "0:0"), ("sparsegpt", 0.7, "0:0"),
-         ("wanda", 0.5, "2:4"), ("sparsegpt", 0.5, "2:4")]
+PEERS = [
+    ("wanda", 0.5, "0:0"),
+    ("sparsegpt", 0.5, "0:0"),
+    ("wanda", 0.7, "0:0"),
+    ("sparsegpt", 0.7, "0:0"),
+    ("wanda", 0.5, "2:4"),
+    ("sparsegpt", 0.5, "2:4"),
+]
 
 
 def _setup():
@@ -61,16 +67,33 @@ def run_ours(metric: str, sparsity: float | None, pattern: str, mode: str, batch
     import torch
 
     pw, model, _, calib, test_ids = _setup()
-    cfg = pw.PruneConfig(metric=metric, sparsity=sparsity, pattern=pattern, mode=mode, nsamples=NSAMPLES,
-                         seqlen=SEQLEN, batch_size=batch_size)
+    cfg = pw.PruneConfig(
+        metric=metric,
+        sparsity=sparsity,
+        pattern=pattern,
+        mode=mode,
+        nsamples=NSAMPLES,
+        seqlen=SEQLEN,
+        batch_size=batch_size,
+    )
     t0 = time.perf_counter()
     res = pw.prune(model, None, cfg, calib=calib, progress=False)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
-    return {"tool": "prunewise", "metric": metric, "pattern": pattern, "sparsity": cfg.target, "mode": mode,
-            "batch_size": batch_size, "wall_s": round(wall, 2), "peak_rss_gb": round(rss, 3), "ppl": round(ppl, 3),
-            "achieved": round(res.sparsity, 6), "torch_threads": torch.get_num_threads()}
+    return {
+        "tool": "prunewise",
+        "metric": metric,
+        "pattern": pattern,
+        "sparsity": cfg.target,
+        "mode": mode,
+        "batch_size": batch_size,
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(rss, 3),
+        "ppl": round(ppl, 3),
+        "achieved": round(res.sparsity, 6),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_dense_pass() -> dict:
@@ -84,8 +107,13 @@ def run_dense_pass() -> dict:
     replay(model, calib, batch_size=1)
     wall = time.perf_counter() - t0
     ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
-    return {"tool": "prunewise", "metric": "dense-pass", "wall_s": round(wall, 2), "ppl": round(ppl, 3),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "tool": "prunewise",
+        "metric": "dense-pass",
+        "wall_s": round(wall, 2),
+        "ppl": round(ppl, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
@@ -96,8 +124,20 @@ def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
         calib_path = Path(tmp) / "calib.pt"
         torch.save(calib, calib_path)
         out = Path(tmp) / "out"
-        proc = subprocess.run([python, str(Path(__file__).with_name("llmc_run.py")), src.path, str(calib_path),
-                               method, str(sparsity), structure, str(out)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                python,
+                str(Path(__file__).with_name("llmc_run.py")),
+                src.path,
+                str(calib_path),
+                method,
+                str(sparsity),
+                structure,
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             return {"tool": "llm-compressor", "metric": method, "error": proc.stderr.strip().splitlines()[-1:]}
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,9 +153,18 @@ def run_peer(python: str, method: str, sparsity: float, structure: str) -> dict:
                 zeros += int((w == 0).sum())
                 total += w.numel()
     pattern = "2:4" if structure == "2:4" else "unstructured"
-    return {"tool": "llm-compressor 0.14.0.1", "metric": method, "pattern": pattern, "sparsity": sparsity,
-            "mode": "sequential pipeline", "batch_size": 1, "wall_s": round(stats["wall_s"], 2),
-            "peak_rss_gb": round(stats["peak_rss_gb"], 3), "ppl": round(ppl, 3), "achieved": round(zeros / total, 6)}
+    return {
+        "tool": "llm-compressor 0.14.0.1",
+        "metric": method,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "mode": "sequential pipeline",
+        "batch_size": 1,
+        "wall_s": round(stats["wall_s"], 2),
+        "peak_rss_gb": round(stats["peak_rss_gb"], 3),
+        "ppl": round(ppl, 3),
+        "achieved": round(zeros / total, 6),
+    }
 
 
 def main() -> None:
@@ -148,8 +197,11 @@ def main() -> None:
         if args.llmc:
             cmd += ["--llmc", args.llmc]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else json.dumps(
-            {"job": job, "error": proc.stderr.strip().splitlines()[-3:]})
+        line = (
+            proc.stdout.strip().splitlines()[-1]
+            if proc.returncode == 0 and proc.stdout.strip()
+            else json.dumps({"job": job, "error": proc.stderr.strip().splitlines()[-3:]})
+        )
         print(line, flush=True)
         with open(args.out, "a") as fh:
             fh.write(line + "\n")

@@ -60,8 +60,12 @@ def job_grad(norm: str, checkpointing: bool) -> dict:
     base = _rss()
     t0 = time.perf_counter()
     collect_gradients(model, calib, norm=norm, checkpointing=checkpointing, progress=False)
-    return {"job": f"grad:{norm}:{checkpointing}", "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_gb": round(_rss(), 3), "rss_before_gb": round(base, 3)}
+    return {
+        "job": f"grad:{norm}:{checkpointing}",
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_gb": round(_rss(), 3),
+        "rss_before_gb": round(base, 3),
+    }
 
 
 def job_fwdbwd() -> dict:
@@ -82,8 +86,12 @@ def job_fwdbwd() -> dict:
     grads = sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
     assert grads > 0
     torch.set_grad_enabled(False)
-    return {"job": "fwdbwd", "wall_s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(_rss(), 3),
-            "rss_before_gb": round(base, 3)}
+    return {
+        "job": "fwdbwd",
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_gb": round(_rss(), 3),
+        "rss_before_gb": round(base, 3),
+    }
 
 
 def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cache: str) -> dict:
@@ -92,8 +100,16 @@ def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cac
     from prunewise.run.pipeline import plan as _plan
     from prunewise.storage.cache import default_cache_dir
 
-    cfg = pw.PruneConfig(model="smollm2-135m", metric=metric, allocator=allocator, sparsity=sparsity, pattern=pat,
-                         nsamples=NSAMPLES, seqlen=SEQLEN, calib="wiki")
+    cfg = pw.PruneConfig(
+        model="smollm2-135m",
+        metric=metric,
+        allocator=allocator,
+        sparsity=sparsity,
+        pattern=pat,
+        nsamples=NSAMPLES,
+        seqlen=SEQLEN,
+        calib="wiki",
+    )
     t0 = time.perf_counter()
     planned = _plan(model, cfg, Path(cache), tokenizer=tok, calib=calib, progress=False)
     plan_s = time.perf_counter() - t0
@@ -102,9 +118,19 @@ def job_prune(metric: str, pat: str, allocator: str, sparsity: float | None, cac
     wall = time.perf_counter() - t0
     test_ids = tokenize(tok, load_text("wiki", "evaluation").text, default_cache_dir())
     ppl = pw.perplexity(model, test_ids, SEQLEN, max_tokens=EVAL_TOKENS, batch_size=4, progress=False)["ppl"]
-    row = {"job": "prune", "metric": metric, "pattern": pat, "sparsity": cfg.target, "allocator": allocator,
-           "plan_s": round(plan_s, 2), "prune_s": round(wall, 2), "timings": res.timings, "ppl": round(ppl, 3),
-           "achieved": round(res.sparsity, 6), "peak_rss_gb": round(_rss(), 3)}
+    row = {
+        "job": "prune",
+        "metric": metric,
+        "pattern": pat,
+        "sparsity": cfg.target,
+        "allocator": allocator,
+        "plan_s": round(plan_s, 2),
+        "prune_s": round(wall, 2),
+        "timings": res.timings,
+        "ppl": round(ppl, 3),
+        "achieved": round(res.sparsity, 6),
+        "peak_rss_gb": round(_rss(), 3),
+    }
     search = planned.details.get("search")
     if search:
         row["search"] = {"chosen": search["chosen"], "trials": len(search["curve"])}
@@ -117,9 +143,16 @@ def reference_design() -> dict:
 
     params = sum(p.numel() for p in model.parameters())
     prunable = sum(weight_matrix(m).numel() for b in find_blocks(model)[1] for _, m in block_linears(b))
-    return {"job": "reference_design", "params": params, "prunable": prunable,
-            "weights_gb": params * 4 / 1e9, "full_grads_gb": params * 4 / 1e9, "accumulators_gb": prunable * 6 / 1e9,
-            "total_gb": (params * 8 + prunable * 6) / 1e9, "ours_accumulators_gb": prunable * 4 / 1e9}
+    return {
+        "job": "reference_design",
+        "params": params,
+        "prunable": prunable,
+        "weights_gb": params * 4 / 1e9,
+        "full_grads_gb": params * 4 / 1e9,
+        "accumulators_gb": prunable * 6 / 1e9,
+        "total_gb": (params * 8 + prunable * 6) / 1e9,
+        "ours_accumulators_gb": prunable * 4 / 1e9,
+    }
 
 
 def main() -> None:
@@ -127,8 +160,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gblm.jsonl"))
     ap.add_argument("--only")
     ap.add_argument("--cache")
-    ap.add_argument("--kinds", nargs="*", default=["reference", "fwdbwd", "grad", "prune"],
-                    help="job kinds to run (timing jobs want a quiet machine; prune jobs report perplexity)")
+    ap.add_argument(
+        "--kinds",
+        nargs="*",
+        default=["reference", "fwdbwd", "grad", "prune"],
+        help="job kinds to run (timing jobs want a quiet machine; prune jobs report perplexity)",
+    )
     args = ap.parse_args()
     if args.only:
         kind, *rest = args.only.split("|")
@@ -151,7 +188,9 @@ def main() -> None:
     for job in jobs:
         if job in done or job.split("|")[0] not in args.kinds:
             continue
-        proc = subprocess.run([sys.executable, __file__, "--only", job, "--cache", cache], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--only", job, "--cache", cache], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             row = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
         else:

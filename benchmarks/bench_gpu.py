@@ -39,10 +39,22 @@ from prunewise.prune.gradients import collect_gradients
 from prunewise.prune.masks import parse_pattern
 from prunewise.run.job import backup_weights, restore_weights
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                 vocab_size=32000, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-            max_position_embeddings=512)
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
 
 
 def rss_gb() -> float:
@@ -52,13 +64,20 @@ def rss_gb() -> float:
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+        env.update(
+            gpu=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+        )
         try:
             import subprocess
 
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     return env
@@ -99,15 +118,25 @@ def main() -> int:
     torch.manual_seed(0)
     config = LlamaConfig(**shapes, num_hidden_layers=layers)
     with torch.device(device):  # random init where it is fast, then the model lives on the host
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float16 if device.type == "cuda" else torch.float32
+        )
     model.to("cpu").eval()
     model.config.use_cache = False
     calib = torch.randint(0, shapes["vocab_size"], (args.nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     source = BlockSource(model, device=device)
     dense = backup_weights(model, build_profile(source))
     names = [n for _, n, _ in source.all_linears()]
-    rows = [{"pass": "environment", **environment(device), "layers": layers, "nsamples": args.nsamples,
-             "seqlen": seqlen, "dtype": str(next(model.parameters()).dtype)}]
+    rows = [
+        {
+            "pass": "environment",
+            **environment(device),
+            "layers": layers,
+            "nsamples": args.nsamples,
+            "seqlen": seqlen,
+            "dtype": str(next(model.parameters()).dtype),
+        }
+    ]
 
     def emit(row: dict) -> None:
         rows.append(row)
@@ -120,14 +149,31 @@ def main() -> int:
 
     def prune(metric: str, mode: str = "two-pass", pattern: str = "unstructured", grads=None):
         def fn():
-            prune_model(model, calib, metric=metric, allocation={n: 0.5 for n in names}, pattern=parse_pattern(pattern),
-                        mode=mode, device=str(device), progress=False, grads=grads)
+            prune_model(
+                model,
+                calib,
+                metric=metric,
+                allocation={n: 0.5 for n in names},
+                pattern=parse_pattern(pattern),
+                mode=mode,
+                device=str(device),
+                progress=False,
+                grads=grads,
+            )
+
         return fn
 
-    passes = [("magnitude 50%", prune("magnitude")), ("wanda 50% two-pass", prune("wanda")),
-              ("wanda 50% single-pass", prune("wanda", "single-pass")), ("sparsegpt 50% two-pass", prune("sparsegpt")),
-              ("alphapruning spectra", lambda: [eigenvalues(weight_matrix(m).to(device)) for _, _, m in source.all_linears()]),
-              ("owl dense statistics", lambda: dense_input_norms(source, calib, progress=False))]
+    passes = [
+        ("magnitude 50%", prune("magnitude")),
+        ("wanda 50% two-pass", prune("wanda")),
+        ("wanda 50% single-pass", prune("wanda", "single-pass")),
+        ("sparsegpt 50% two-pass", prune("sparsegpt")),
+        (
+            "alphapruning spectra",
+            lambda: [eigenvalues(weight_matrix(m).to(device)) for _, _, m in source.all_linears()],
+        ),
+        ("owl dense statistics", lambda: dense_input_norms(source, calib, progress=False)),
+    ]
     for label, fn in passes:
         if label.split()[0] in skip:
             continue
@@ -137,20 +183,50 @@ def main() -> int:
         for checkpointing in (True, False):
             label = f"gblm gradients (checkpointing={str(checkpointing).lower()})"
             try:
-                emit(timed(label, lambda c=checkpointing: collect_gradients(
-                    model, calib, checkpointing=c, device=str(device), progress=False), device, floor))
+                emit(
+                    timed(
+                        label,
+                        lambda c=checkpointing: collect_gradients(
+                            model, calib, checkpointing=c, device=str(device), progress=False
+                        ),
+                        device,
+                        floor,
+                    )
+                )
             except Exception as exc:  # e.g. the whole-model backward not fitting: say so, go on
                 emit({"pass": label, "error": str(exc).splitlines()[0][:200]})
     if "speed" not in skip:
         from prunewise.evaluation.speed import measure
 
         pruned = copy.deepcopy(model)
-        prune_model(pruned, None, metric="magnitude", allocation={n: 0.5 for n in names}, pattern=parse_pattern("2:4"),
-                    device=str(device), progress=False)
-        report = measure(pruned, model, device=str(device), shapes=[(1, 128), (1, 2048), (8, 2048)][: 2 if args.tiny else 3],
-                         decode_batches=[1, 16], steps=8 if args.tiny else 64, tokens=2048, repeat=3)
-        emit({"pass": "speed 2:4 vs dense", "prefill": report.prefill, "decode": report.decode,
-              "layers": report.layers, "notes": report.notes})
+        prune_model(
+            pruned,
+            None,
+            metric="magnitude",
+            allocation={n: 0.5 for n in names},
+            pattern=parse_pattern("2:4"),
+            device=str(device),
+            progress=False,
+        )
+        report = measure(
+            pruned,
+            model,
+            device=str(device),
+            shapes=[(1, 128), (1, 2048), (8, 2048)][: 2 if args.tiny else 3],
+            decode_batches=[1, 16],
+            steps=8 if args.tiny else 64,
+            tokens=2048,
+            repeat=3,
+        )
+        emit(
+            {
+                "pass": "speed 2:4 vs dense",
+                "prefill": report.prefill,
+                "decode": report.decode,
+                "layers": report.layers,
+                "notes": report.notes,
+            }
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

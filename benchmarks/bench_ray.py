@@ -20,8 +20,8 @@ from pathlib import Path
 
 import prunewise as pw
 from prunewise.run.results import read_results
-from prunewise.sweep.grid import Sweep
 from prunewise.run.trials import Executor
+from prunewise.sweep.grid import Sweep
 from prunewise.sweep.runner import run_sweep
 
 SETTINGS = [("local", {}), ("ray", {"workers": 1, "threads": 2}), ("ray", {"workers": 2, "threads": 1})]
@@ -32,8 +32,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     base = pw.PruneConfig(model="smollm2-135m", nsamples=8, seqlen=512, eval_data="wiki", max_tokens=4096)
-    grid = Sweep(base=base, metrics=["magnitude", "wanda"], allocators=["uniform"], sparsities=[0.5, 0.6],
-                 patterns=["unstructured"])
+    grid = Sweep(
+        base=base,
+        metrics=["magnitude", "wanda"],
+        allocators=["uniform"],
+        sparsities=[0.5, 0.6],
+        patterns=["unstructured"],
+    )
     rows = []
     for executor, options in SETTINGS:
         with tempfile.TemporaryDirectory() as tmp:
@@ -42,8 +47,13 @@ def main() -> int:
             wall = time.perf_counter() - t0
             lines = [r for r in read_results(Path(tmp) / "s") if r["kind"] == "run"]
             per_run = statistics.median(r["wall_s"] for r in lines)
-            row = {"executor": executor, **options, "wall_s": round(wall, 1), "median_run_s": round(per_run, 1),
-                   "sum_runs_s": round(sum(r["wall_s"] for r in lines), 1)}
+            row = {
+                "executor": executor,
+                **options,
+                "wall_s": round(wall, 1),
+                "median_run_s": round(per_run, 1),
+                "sum_runs_s": round(sum(r["wall_s"] for r in lines), 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         if executor == "ray":

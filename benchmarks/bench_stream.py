@@ -65,10 +65,16 @@ def prune_once(args: list[str], stream: str, out: Path, limit_gb: float | None) 
     if rc != 0:
         return {"stream": stream, "rc": rc, "peak_rss_gb": peak / 1e9}
     rec = json.loads((out / "pruning.json").read_text())
-    row = {"stream": stream, "mode": rec["memory"]["mode"], "peak_rss_gb": round(peak / 1e9, 3),
-           "estimated_host_gb": rec["memory"]["estimated_host_gb"], "wall_s": round(rec["wall_s"], 2),
-           "prune_s": round(rec["timings"]["prune_s"], 2), "mask_sha256": rec["pruning"]["mask_sha256"][:16],
-           "weights_gb": rec["memory"]["weights_gb"]}
+    row = {
+        "stream": stream,
+        "mode": rec["memory"]["mode"],
+        "peak_rss_gb": round(peak / 1e9, 3),
+        "estimated_host_gb": rec["memory"]["estimated_host_gb"],
+        "wall_s": round(rec["wall_s"], 2),
+        "prune_s": round(rec["timings"]["prune_s"], 2),
+        "mask_sha256": rec["pruning"]["mask_sha256"][:16],
+        "weights_gb": rec["memory"]["weights_gb"],
+    }
     if rec.get("pruned"):
         row["ppl"] = rec["pruned"]["ppl"]
     shutil.rmtree(out, ignore_errors=True)
@@ -76,8 +82,22 @@ def prune_once(args: list[str], stream: str, out: Path, limit_gb: float | None) 
 
 
 def bundled(repeat: int, limit_gb: float | None, work: Path) -> list[dict]:
-    args = ["--model", "smollm2-135m", "--metric", "wanda", "--sparsity", "0.5", "--nsamples", "32", "--seqlen", "512",
-            "--eval-data", "wiki", "--max-tokens", "16384"]
+    args = [
+        "--model",
+        "smollm2-135m",
+        "--metric",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--nsamples",
+        "32",
+        "--seqlen",
+        "512",
+        "--eval-data",
+        "wiki",
+        "--max-tokens",
+        "16384",
+    ]
     rows = []
     for r in range(repeat):
         for stream in ("off", "on"):
@@ -99,14 +119,31 @@ def curve(sizes: list[str], metrics: list[str], limit_gb: float | None, work: Pa
     rows = []
     for size in sizes:
         d, layers, inter, heads, kv = SHAPES[size]
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=d,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=2048,
+        )
         src = work / f"llama-{size}"
         random_checkpoint(src, config, dtype=torch.bfloat16, tokenizer=tok, max_shard_bytes=2 * 10**9)
         for metric in metrics:
             for stream in ("off", "on"):
-                args = ["--model", str(src), "--metric", metric, "--sparsity", "0.5", "--nsamples", "4",
-                        "--seqlen", "128"]
+                args = [
+                    "--model",
+                    str(src),
+                    "--metric",
+                    metric,
+                    "--sparsity",
+                    "0.5",
+                    "--nsamples",
+                    "4",
+                    "--seqlen",
+                    "128",
+                ]
                 row = {"size": size, "metric": metric, **prune_once(args, stream, work / "out", limit_gb)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -131,18 +168,32 @@ def formula(shapes: dict, windows: int, eval_windows: int, seqlen: int) -> list[
 
     rows = []
     for name, (d, layers, inter, heads, kv, vocab) in shapes.items():
-        config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+        )
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         for metric, hessians in (("wanda", False), ("sparsegpt", True)):
-            work = Workload(windows=windows, seqlen=seqlen, hessians=hessians, eval_windows=eval_windows,
-                            eval_seqlen=seqlen)
+            work = Workload(
+                windows=windows, seqlen=seqlen, hessians=hessians, eval_windows=eval_windows, eval_seqlen=seqlen
+            )
             cpu, gpu = estimate(model, work, available=1 << 60), estimate(model, work, available=1 << 60, device="cuda")
-            row = {"model": name, "metric": metric, "weights_gb": cpu.parts["weights"] / 1e9,
-                   "cpu_in_memory_gb": cpu.host_memory / 1e9, "cpu_streamed_gb": cpu.host_stream / 1e9,
-                   "cuda_host_streamed_gb": gpu.host_stream / 1e9, "cuda_device_gb": gpu.device / 1e9,
-                   **{f"{k}_gb": v / 1e9 for k, v in cpu.parts.items() if k != "weights"}}
+            row = {
+                "model": name,
+                "metric": metric,
+                "weights_gb": cpu.parts["weights"] / 1e9,
+                "cpu_in_memory_gb": cpu.host_memory / 1e9,
+                "cpu_streamed_gb": cpu.host_stream / 1e9,
+                "cuda_host_streamed_gb": gpu.host_stream / 1e9,
+                "cuda_device_gb": gpu.device / 1e9,
+                **{f"{k}_gb": v / 1e9 for k, v in cpu.parts.items() if k != "weights"},
+            }
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             rows.append(row)
     return rows

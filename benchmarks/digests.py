@@ -38,8 +38,17 @@ def main() -> int:
     args = parser.parse_args()
     digests = {}
     for metric, allocator, sparsity, pattern in RUNS + (EXTRA if args.all else []):
-        config = PruneConfig(model="smollm2-135m", metric=metric, allocator=allocator, sparsity=sparsity,
-                             pattern=pattern, calib="wiki", nsamples=4, seqlen=128, seed=0)
+        config = PruneConfig(
+            model="smollm2-135m",
+            metric=metric,
+            allocator=allocator,
+            sparsity=sparsity,
+            pattern=pattern,
+            calib="wiki",
+            nsamples=4,
+            seqlen=128,
+            seed=0,
+        )
         record = run(config, progress=False).record
         name = f"{metric}/{allocator} {pattern if sparsity is None else sparsity}"
         digests[name] = record.mask_sha256

@@ -26,12 +26,24 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cls = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[method]
-    modifier = cls(sparsity=float(sparsity), mask_structure=structure,
-                   targets=[r"re:model\.layers\.\d+\..*_proj$"], ignore=["lm_head"])
+    modifier = cls(
+        sparsity=float(sparsity),
+        mask_structure=structure,
+        targets=[r"re:model\.layers\.\d+\..*_proj$"],
+        ignore=["lm_head"],
+    )
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=modifier, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
-            batch_size=1, output_dir=out)
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=modifier,
+        num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,
+        pipeline="sequential",
+        batch_size=1,
+        output_dir=out,
+    )
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps({"wall_s": wall, "peak_rss_gb": rss}))

@@ -1,7 +1,7 @@
 """Markdown tables from the JSON-lines results of ``bench_allocators.py`` and ``bench_gblm.py``.
 
-    python benchmarks/summarize.py allocators benchmarks/results/allocators.jsonl
-    python benchmarks/summarize.py gblm benchmarks/results/gblm.jsonl
+python benchmarks/summarize.py allocators benchmarks/results/allocators.jsonl
+python benchmarks/summarize.py gblm benchmarks/results/gblm.jsonl
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def allocators(path: Path) -> str:
     runs = [r for r in rows if r["metric"] != "dense"]
     sparsities = sorted({r["sparsity"] for r in runs})
     metrics = [m for m in ("magnitude", "wanda", "sparsegpt", "gblm") if any(r["metric"] == m for r in runs)]
-    out = [f"Dense perplexity {dense:.3f}. Best allocator per column in **bold**; "
-           "\\* marks an allocator that beats uniform.", ""]
+    out = [
+        f"Dense perplexity {dense:.3f}. Best allocator per column in **bold**; "
+        "\\* marks an allocator that beats uniform.",
+        "",
+    ]
     for metric in metrics:
         mine = [r for r in runs if r["metric"] == metric]
         cols = [s for s in sparsities if any(r["sparsity"] == s for r in mine)]
@@ -69,10 +72,17 @@ def allocators(path: Path) -> str:
             continue
         cold = [r["plan_s"] for r in mine if r.get("cold")]
         warm = sorted(r["plan_s"] for r in mine if not r.get("cold") and not r.get("search"))
-        stats = {"uniform": "none", "owl": "dense calibration pass", "alphapruning": "SVD of every matrix",
-                 "atp": "β search: one prune + held-out eval per trial", "mrp": "dense calibration pass + sort"}[alloc]
+        stats = {
+            "uniform": "none",
+            "owl": "dense calibration pass",
+            "alphapruning": "SVD of every matrix",
+            "atp": "β search: one prune + held-out eval per trial",
+            "mrp": "dense calibration pass + sort",
+        }[alloc]
         warm_txt = f"{warm[len(warm) // 2]:.1f}" if warm else "—"
-        out.append(f"| {alloc} | {stats} | {cold[0]:.1f} | {warm_txt} |" if cold else f"| {alloc} | {stats} | — | {warm_txt} |")
+        out.append(
+            f"| {alloc} | {stats} | {cold[0]:.1f} | {warm_txt} |" if cold else f"| {alloc} | {stats} | — | {warm_txt} |"
+        )
     searches = [r for r in runs if r.get("search")]
     if searches:
         out.append("")
@@ -80,8 +90,10 @@ def allocators(path: Path) -> str:
         out.append("")
         for r in searches:
             curve = ", ".join(f"{c['beta']:g}: {_fmt(c['ppl'])}" for c in r["search"]["curve"])
-            out.append(f"- {r['metric']} {r['sparsity']:.0%}: {curve} → β={r['search']['chosen']:g} "
-                       f"({r['search']['wall_s']:.0f} s)")
+            out.append(
+                f"- {r['metric']} {r['sparsity']:.0%}: {curve} → β={r['search']['chosen']:g} "
+                f"({r['search']['wall_s']:.0f} s)"
+            )
     red = [r for r in runs if r["allocator"].split(":")[0] in ("uniform", "mrp") and "redundancy" in r]
     if red:
         out.append("")
@@ -96,8 +108,10 @@ def allocators(path: Path) -> str:
             for s in sparsities:
                 u, m = keyed.get((metric, s, "uniform")), keyed.get((metric, s, "mrp"))
                 if u and m:
-                    out.append(f"| {metric} | {s:.0%} | {u['std']:.4f} ({u['min']:.3f}–{u['max']:.3f}) | "
-                               f"{m['std']:.4f} ({m['min']:.3f}–{m['max']:.3f}) |")
+                    out.append(
+                        f"| {metric} | {s:.0%} | {u['std']:.4f} ({u['min']:.3f}–{u['max']:.3f}) | "
+                        f"{m['std']:.4f} ({m['min']:.3f}–{m['max']:.3f}) |"
+                    )
     return "\n".join(out)
 
 
@@ -106,17 +120,21 @@ def gblm(path: Path) -> str:
     out = []
     ref = rows.get("reference")
     if ref:
-        out.append(f"Parameters {ref['params']:,} ({ref['prunable']:,} prunable). Reference design: weights "
-                   f"{ref['weights_gb']:.2f} GB + full gradients {ref['full_grads_gb']:.2f} GB + accumulators "
-                   f"{ref['accumulators_gb']:.2f} GB = {ref['total_gb']:.2f} GB; ours: weights + "
-                   f"{ref['ours_accumulators_gb']:.2f} GB of accumulators + one gradient at a time.")
+        out.append(
+            f"Parameters {ref['params']:,} ({ref['prunable']:,} prunable). Reference design: weights "
+            f"{ref['weights_gb']:.2f} GB + full gradients {ref['full_grads_gb']:.2f} GB + accumulators "
+            f"{ref['accumulators_gb']:.2f} GB = {ref['total_gb']:.2f} GB; ours: weights + "
+            f"{ref['ours_accumulators_gb']:.2f} GB of accumulators + one gradient at a time."
+        )
         out.append("")
     out.append("| job | wall (s) | peak RSS (GB) | RSS before (GB) |")
     out.append("|---|---|---|---|")
     for key in ("fwdbwd", "grad|l1|False", "grad|l1|True", "grad|l2|False"):
         r = rows.get(key)
         if r and "wall_s" in r:
-            out.append(f"| {key.replace('|', ' ')} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |")
+            out.append(
+                f"| {key.replace('|', ' ')} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |"
+            )
     out.append("")
     out.append("| metric | pattern | sparsity | achieved | ppl |")
     out.append("|---|---|---|---|---|")

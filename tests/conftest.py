@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import ARCHS, VOCAB, make_text, make_tokenizer, tiny_model
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(request, tmp_path_factory, monkeypatch):

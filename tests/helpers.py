@@ -24,17 +24,39 @@ WORDS = (
 
 def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 3):
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+        )
     if arch == "qwen2":  # grouped-query attention: 4 query heads, 2 key-value heads
-        return Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32)
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
-                          bos_token_id=0, eos_token_id=0)
+        return GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
     raise ValueError(arch)
 
 
@@ -89,3 +111,22 @@ def last_block_output(model, ids):
         model(input_ids=ids, use_cache=False)
     handle.remove()
     return grabbed[0]
+
+
+def sharded_checkpoint(folder: Path, *, layers: int = 4, max_shard_bytes: int = 200_000, tied: bool = False) -> Path:
+    """A random-init LLaMA of hidden width 64 written shard by shard (``random_checkpoint``), with
+    the tiny tokenizer: the hostile-case probes' ``m/sh4`` (4 layers, several shards, untied head)."""
+    from prunewise.model.streaming import random_checkpoint
+
+    tok = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+    return random_checkpoint(folder, config, tokenizer=tok, max_shard_bytes=max_shard_bytes)

@@ -10,23 +10,51 @@ from prunewise.cli import main
 
 
 def args_for(model_dir, text, out, *extra):
-    return ["prune", "--model", str(model_dir), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
-            "--out", str(out), "-q", *extra]
+    return [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
 
 
 def test_prune_save_reload_and_rerun(model_dir, text, tmp_path, capsys):
     out = tmp_path / "w50"
-    rc = main(args_for(model_dir, text, out, "--metric", "wanda", "--sparsity", "0.5",
-                       "--eval-data", f"file:{text}", "--max-tokens", "256"))
+    rc = main(
+        args_for(
+            model_dir,
+            text,
+            out,
+            "--metric",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--eval-data",
+            f"file:{text}",
+            "--max-tokens",
+            "256",
+        )
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "dense" in printed and "pruned (wanda)" in printed and "sparsity 0.500000" in printed
     rec = json.loads((out / "pruning.json").read_text())
     t = rec["timings"]
     # the summary gives the whole run and its parts, each as recorded
-    assert f"{rec['wall_s']:.1f} s in all (loading and calibration data {t['load_s']:.1f} s, allocation " \
-        f"{t['plan_s']:.1f} s, dense evaluation {t['dense_eval_s']:.1f} s, pruning {t['prune_s']:.1f} s, " \
+    assert (
+        f"{rec['wall_s']:.1f} s in all (loading and calibration data {t['load_s']:.1f} s, allocation "
+        f"{t['plan_s']:.1f} s, dense evaluation {t['dense_eval_s']:.1f} s, pruning {t['prune_s']:.1f} s, "
         f"perplexity {t['eval_s']:.1f} s)" in printed
+    )
     parts = t["load_s"] + t["plan_s"] + t["dense_eval_s"] + t["prune_s"] + t["eval_s"]
     assert parts <= rec["wall_s"] < parts + 1.0  # the parts are the whole run, less bookkeeping
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -110,7 +138,16 @@ def test_verbose_prints_every_layer(model_dir, text, tmp_path, capsys):
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("magnitude", "wanda", "sparsegpt", "uniform", "blocksize=128", "percdamp=0.01", "2:4", "arXiv 2301.00774"):
+    for word in (
+        "magnitude",
+        "wanda",
+        "sparsegpt",
+        "uniform",
+        "blocksize=128",
+        "percdamp=0.01",
+        "2:4",
+        "arXiv 2301.00774",
+    ):
         assert word in out
 
 
@@ -173,8 +210,11 @@ def test_existing_output_needs_overwrite(model_dir, text, tmp_path, capsys):
 
 
 def test_console_script_exit_code_no_traceback(model_dir):
-    proc = subprocess.run([sys.executable, "-m", "prunewise.cli", "prune", "--model", str(model_dir),
-                           "--sparsity", "2"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunewise.cli", "prune", "--model", str(model_dir), "--sparsity", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "prunewise: error: sparsity: must be in [0, 1), got 2.0"
@@ -182,16 +222,33 @@ def test_console_script_exit_code_no_traceback(model_dir):
 
 def test_hub_id_offline_is_one_clear_line(tmp_path):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PRUNEWISE_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "prunewise.cli", "eval", "--model", "some-org/some-model"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunewise.cli", "eval", "--model", "some-org/some-model"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prunewise: error: model: cannot load 'some-org/some-model'")
 
 
 def test_unsaved_run_says_so_first_and_uniform_runs_print_no_block_table(model_dir, text, capsys):
-    base = ["prune", "--model", str(model_dir), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
-            "--metric", "wanda", "--sparsity", "0.5"]
+    base = [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--metric",
+        "wanda",
+        "--sparsity",
+        "0.5",
+    ]
     assert main(base) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "no --out given: the pruned model will not be saved"

@@ -21,7 +21,11 @@ def inner_package_imports(path: Path) -> list[tuple[int, str]]:
     def visit(node: ast.AST, inside: bool) -> None:
         for child in ast.iter_child_nodes(node):
             here = inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
-            if here and isinstance(child, ast.ImportFrom) and (child.level or (child.module or "").startswith("prunewise")):
+            if (
+                here
+                and isinstance(child, ast.ImportFrom)
+                and (child.level or (child.module or "").startswith("prunewise"))
+            ):
                 found.append((child.lineno, "." * child.level + (child.module or "")))
             if here and isinstance(child, ast.Import):
                 found.extend((child.lineno, a.name) for a in child.names if a.name.startswith("prunewise"))
@@ -32,8 +36,9 @@ def inner_package_imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_no_module_imports_the_package_inside_a_function():
-    offenders = {str(p.relative_to(PACKAGE)): found for p in sorted(PACKAGE.rglob("*.py"))
-                 if (found := inner_package_imports(p))}
+    offenders = {
+        str(p.relative_to(PACKAGE)): found for p in sorted(PACKAGE.rglob("*.py")) if (found := inner_package_imports(p))
+    }
     assert offenders == {}
 
 

@@ -135,8 +135,15 @@ def test_layerwise_allocation_beats_uniform_at_70(tmp_path):
     ppl = {}
     for allocator in ("uniform", "alphapruning"):
         model, tok, _ = pw.load_model("smollm2-135m")
-        cfg = pw.PruneConfig(model="smollm2-135m", metric="wanda", allocator=allocator, sparsity=0.7,
-                             nsamples=16, seqlen=256, calib="wiki")
+        cfg = pw.PruneConfig(
+            model="smollm2-135m",
+            metric="wanda",
+            allocator=allocator,
+            sparsity=0.7,
+            nsamples=16,
+            seqlen=256,
+            calib="wiki",
+        )
         res = pw.prune(model, tok, cfg, cache_dir=tmp_path, progress=False)
         assert res.sparsity == pytest.approx(0.7, abs=1e-6)
         ppl[allocator] = pw.evaluate(model, tok, "wiki", seqlen=256, max_tokens=8192, progress=False)["ppl"]
@@ -171,9 +178,31 @@ def test_sweep_with_zero_shot_and_report(tmp_path, capsys):
     from prunewise.run.results import read_results
 
     out = tmp_path / "sweep"
-    argv = ["sweep", "--model", "smollm2-135m", "--metric", "magnitude", "wanda", "--sparsity", "0.7",
-            "--nsamples", "8", "--seqlen", "256", "--eval-data", "wiki", "--eval-tokens", "4096",
-            "--tasks", "wiki_cloze", "--limit", "40", "--out", str(out), "-q"]
+    argv = [
+        "sweep",
+        "--model",
+        "smollm2-135m",
+        "--metric",
+        "magnitude",
+        "wanda",
+        "--sparsity",
+        "0.7",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "256",
+        "--eval-data",
+        "wiki",
+        "--eval-tokens",
+        "4096",
+        "--tasks",
+        "wiki_cloze",
+        "--limit",
+        "40",
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert main(argv) == 0
     rows = {r["config"].get("metric", "dense"): r for r in read_results(out)}
     dense_acc = rows["dense"]["zero_shot"]["tasks"]["wiki_cloze"]["acc"]

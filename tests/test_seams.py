@@ -62,15 +62,25 @@ def test_every_allocator_honours_the_contract(allocator, calib, tokenizer, text_
     restore it); allocators that support N:M give whole numbers of zeros per group; the allocator
     module documents its deviations."""
     entry = ALLOCATORS.get(allocator)
-    assert "Deviations from reference" in (importlib.import_module(entry.fn.__module__).__doc__ or "") \
+    assert (
+        "Deviations from reference" in (importlib.import_module(entry.fn.__module__).__doc__ or "")
         or allocator == "uniform"
+    )
     spec = CHEAP.get(allocator, allocator)
     patterns = [("unstructured", 0.6)] + ([("4:8", None)] if entry.nm else [])
     for pattern, sparsity in patterns:
         model = tiny_model("llama", layers=4)
         dense = _state(model)
-        cfg = pw.PruneConfig(model="x", metric="wanda", allocator=spec, sparsity=sparsity, pattern=pattern,
-                             nsamples=4, seqlen=32, calib=f"file:{text_file}")
+        cfg = pw.PruneConfig(
+            model="x",
+            metric="wanda",
+            allocator=spec,
+            sparsity=sparsity,
+            pattern=pattern,
+            nsamples=4,
+            seqlen=32,
+            calib=f"file:{text_file}",
+        )
         planned = pw.plan(model, cfg, tmp_path, tokenizer=tokenizer, progress=False)
         check_allocation(allocator, planned.profile, planned.allocation, cfg.target)
         for k, v in model.state_dict().items():
@@ -166,9 +176,11 @@ def test_layer_stats_merge_shards():
 
 
 def test_run_record_round_trip_and_schema_one():
-    rec = RunRecord({"metric": "wanda", "allocator": "uniform", "pattern": "unstructured", "sparsity": 0.5},
-                    pruning={"target": 0.5, "sparsity": 0.5, "mask_sha256": "ab", "layers": [{"name": "l"}]},
-                    pruned={"ppl": 3.0, "data": "wiki", "split": "test", "seqlen": 8, "tokens": 64})
+    rec = RunRecord(
+        {"metric": "wanda", "allocator": "uniform", "pattern": "unstructured", "sparsity": 0.5},
+        pruning={"target": 0.5, "sparsity": 0.5, "mask_sha256": "ab", "layers": [{"name": "l"}]},
+        pruned={"ppl": 3.0, "data": "wiki", "split": "test", "seqlen": 8, "tokens": 64},
+    )
     data = rec.to_dict()
     assert data["schema"] == SCHEMA and "dense" not in data and "memory" not in data
     assert RunRecord.from_dict(json.loads(json.dumps(data))) == rec
@@ -176,8 +188,17 @@ def test_run_record_round_trip_and_schema_one():
     assert rec.reusable("pruned", {"data": "wiki", "split": "test", "seqlen": 8, "tokens": 64}) == rec.pruned
     assert rec.reusable("pruned", {"data": "wiki", "split": "test", "seqlen": 16, "tokens": 64}) is None
     # a sweep line written before schema 2
-    old = {"key": "k", "kind": "run", "status": "ok", "config": rec.config, "target": 0.5, "sparsity": 0.49,
-           "mask_sha256": "cd", "ppl": {"ppl": 7.0}, "zero_shot": {"average": {"acc": 0.5}}}
+    old = {
+        "key": "k",
+        "kind": "run",
+        "status": "ok",
+        "config": rec.config,
+        "target": 0.5,
+        "sparsity": 0.49,
+        "mask_sha256": "cd",
+        "ppl": {"ppl": 7.0},
+        "zero_shot": {"average": {"acc": 0.5}},
+    }
     up = RunRecord.from_dict(old)
     assert (up.target, up.sparsity, up.mask_sha256, up.pruned["ppl"]) == (0.5, 0.49, "cd", 7.0)
     assert up.zero_shot == {"pruned": {"average": {"acc": 0.5}}}

@@ -46,30 +46,49 @@ CONFIG_FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-layer table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"converted models, token ids (default: $PRUNEWISE_CACHE or {default_cache_dir()})")
-    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
-                   help="run Python code shipped with the model (auto_map); off by default, never prompted")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"converted models, token ids (default: $PRUNEWISE_CACHE or {default_cache_dir()})",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="run Python code shipped with the model (auto_map); off by default, never prompted",
+    )
 
 
 def _executor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="where runs execute: this process (default) or Ray workers (pip install 'prunewise[ray]')")
-    p.add_argument("--workers", type=int, help="Ray workers (default: one per GPU with --device cuda, else per "
-                   "--threads CPUs)")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where runs execute: this process (default) or Ray workers (pip install 'prunewise[ray]')",
+    )
+    p.add_argument(
+        "--workers", type=int, help="Ray workers (default: one per GPU with --device cuda, else per --threads CPUs)"
+    )
     p.add_argument("--address", help="a running Ray cluster ('auto' finds the local one; default: start one)")
     p.add_argument("--threads", type=int, help="CPUs (and torch threads) per Ray worker (default 1)")
 
 
 def _executor(args: argparse.Namespace) -> Executor:
-    return Executor(args.executor, {k: getattr(args, k) for k in ("workers", "address", "threads")
-                                    if getattr(args, k) is not None})
+    return Executor(
+        args.executor, {k: getattr(args, k) for k in ("workers", "address", "threads") if getattr(args, k) is not None}
+    )
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", help="zero-shot lm-eval tasks, comma-separated, or a preset: paper (Wanda's 7), atp "
-                   "(PIQA for RTE); e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
-    p.add_argument("--include-path", dest="include_path", help="folder of local lm-eval task YAML files (offline tasks)")
+    p.add_argument(
+        "--tasks",
+        help="zero-shot lm-eval tasks, comma-separated, or a preset: paper (Wanda's 7), atp "
+        "(PIQA for RTE); e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+    )
+    p.add_argument(
+        "--include-path", dest="include_path", help="folder of local lm-eval task YAML files (offline tasks)"
+    )
     p.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction < 1)")
 
 
@@ -81,24 +100,46 @@ def _run_args(p: argparse.ArgumentParser, grid: bool) -> None:
     p.add_argument("--metric", **many, help=f"name[:key=value,...] (default {d.metric}; see 'prunewise list')")
     p.add_argument("--allocator", **many, help=f"name[:key=value,...] (default {d.allocator})")
     p.add_argument("--sparsity", type=float, **many, help="global target in [0, 1) (default 0.5; N/M for N:M)")
-    p.add_argument("--pattern", **many, help="unstructured, unstructured:group=row|matrix, or N:M such as 2:4 (default unstructured)")
+    p.add_argument(
+        "--pattern",
+        **many,
+        help="unstructured, unstructured:group=row|matrix, or N:M such as 2:4 (default unstructured)",
+    )
     p.add_argument("--calib", help="calibration text: wiki, file:PATH, c4, wikitext2 (default wiki)")
     p.add_argument("--nsamples", type=int, help=f"calibration windows (default {d.nsamples})")
     p.add_argument("--seqlen", type=int, help=f"tokens per calibration window (default {d.seqlen})")
     p.add_argument("--seed", type=int, help=f"calibration sampling seed (default {d.seed})")
-    p.add_argument("--mode", choices=MODES, help="two-pass: papers' protocol (default); single-pass: one pass per block")
-    p.add_argument("--propagate", choices=PROPAGATE, help="next block's inputs from the pruned (default) or dense block")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"windows per forward pass (default {d.batch_size})")
+    p.add_argument(
+        "--mode", choices=MODES, help="two-pass: papers' protocol (default); single-pass: one pass per block"
+    )
+    p.add_argument(
+        "--propagate", choices=PROPAGATE, help="next block's inputs from the pruned (default) or dense block"
+    )
+    p.add_argument(
+        "--batch-size", dest="batch_size", type=int, help=f"windows per forward pass (default {d.batch_size})"
+    )
     p.add_argument("--device", help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="model dtype (default auto: as stored; fp32 for GGUF)")
-    p.add_argument("--stream", choices=STREAM_CHOICES, help="read each decoder block from the checkpoint when its "
-                   "turn comes (on), load the model whole (off), or stream when it would not fit in memory "
-                   "(auto, default)")
-    p.add_argument("--blocks-path", dest="blocks_path", help="dotted path of the decoder-block ModuleList, e.g. model.layers")
-    p.add_argument("--eval-data", dest="eval_data", help="evaluate dense and pruned perplexity on: wiki, file:PATH, wikitext2, c4")
-    p.add_argument("--no-eval", action="store_true", help="skip perplexity (e.g. when rerunning a record that had --eval-data)")
+    p.add_argument(
+        "--stream",
+        choices=STREAM_CHOICES,
+        help="read each decoder block from the checkpoint when its "
+        "turn comes (on), load the model whole (off), or stream when it would not fit in memory "
+        "(auto, default)",
+    )
+    p.add_argument(
+        "--blocks-path", dest="blocks_path", help="dotted path of the decoder-block ModuleList, e.g. model.layers"
+    )
+    p.add_argument(
+        "--eval-data", dest="eval_data", help="evaluate dense and pruned perplexity on: wiki, file:PATH, wikitext2, c4"
+    )
+    p.add_argument(
+        "--no-eval", action="store_true", help="skip perplexity (e.g. when rerunning a record that had --eval-data)"
+    )
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, help="evaluation window (default: --seqlen)")
-    p.add_argument("--max-tokens", "--eval-tokens", dest="max_tokens", type=int, help="evaluate on the first N tokens only")
+    p.add_argument(
+        "--max-tokens", "--eval-tokens", dest="max_tokens", type=int, help="evaluate on the first N tokens only"
+    )
     _task_args(p)
 
 
@@ -108,22 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it", description="Prune a model block by block.")
-    p.add_argument("--config", type=Path, help="rerun from a run record (pruning.json or its folder); other flags override it")
+    p.add_argument(
+        "--config", type=Path, help="rerun from a run record (pruning.json or its folder); other flags override it"
+    )
     _run_args(p, grid=False)
     p.add_argument("--out", type=Path, help="output folder for the pruned checkpoint and pruning.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--format", default="safetensors", help=f"checkpoint format ({', '.join(EXPORTERS.names())}; "
-                   "default safetensors)")
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        help=f"checkpoint format ({', '.join(EXPORTERS.names())}; default safetensors)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the per-layer targets and exit without pruning")
     _executor_args(p)
     _common(p)
 
-    w = sub.add_parser("sweep", help="a grid of runs (lists where prune takes one value), resumable",
-                       description="Run every combination of the listed metrics, allocators, sparsities and "
-                       "patterns on one model; one JSON line per run in OUT/results.jsonl. Finished runs are "
-                       "skipped when the sweep is run again.")
-    w.add_argument("--config", type=Path, help="TOML file with the same keys (lists for metric, allocator, "
-                   "sparsity, pattern); flags override it")
+    w = sub.add_parser(
+        "sweep",
+        help="a grid of runs (lists where prune takes one value), resumable",
+        description="Run every combination of the listed metrics, allocators, sparsities and "
+        "patterns on one model; one JSON line per run in OUT/results.jsonl. Finished runs are "
+        "skipped when the sweep is run again.",
+    )
+    w.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file with the same keys (lists for metric, allocator, sparsity, pattern); flags override it",
+    )
     _run_args(w, grid=True)
     w.add_argument("--out", type=Path, required=True, help="sweep folder: results.jsonl, sweep.json, runs/ with --save")
     w.add_argument("--save", action="store_true", help="also save every pruned checkpoint under OUT/runs/")
@@ -139,25 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
 
     e = sub.add_parser("eval", help="perplexity of a model (dense vs pruned for a prunewise run folder)")
-    e.add_argument("--model", required=True, help="HF folder (e.g. a prunewise run), .gguf file, hub id or smollm2-135m")
-    e.add_argument("--data", default="wiki", help="perplexity on: wiki, file:PATH, wikitext2, c4, or none (default wiki)")
+    e.add_argument(
+        "--model", required=True, help="HF folder (e.g. a prunewise run), .gguf file, hub id or smollm2-135m"
+    )
+    e.add_argument(
+        "--data", default="wiki", help="perplexity on: wiki, file:PATH, wikitext2, c4, or none (default wiki)"
+    )
     e.add_argument("--seqlen", type=int, default=None, help="window length (default: the run's eval seqlen, else 2048)")
-    e.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="evaluate on the first N tokens only")
+    e.add_argument(
+        "--max-tokens", dest="max_tokens", type=int, default=None, help="evaluate on the first N tokens only"
+    )
     e.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     e.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
     e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    e.add_argument("--stream", choices=STREAM_CHOICES, default="auto",
-                   help="read each block from the checkpoint (on), load whole (off), or stream when it would not fit (auto)")
+    e.add_argument(
+        "--stream",
+        choices=STREAM_CHOICES,
+        default="auto",
+        help="read each block from the checkpoint (on), load whole (off), or stream when it would not fit (auto)",
+    )
     e.add_argument("--no-dense", action="store_true", help="do not evaluate the dense source model of a run")
     _task_args(e)
     _common(e)
 
-    sp = sub.add_parser("speed", help="inference speed of a pruned run against its dense source",
-                        description="Prefill and decode tokens/s of a prunewise run and its dense source, and "
-                        "per-layer matmul times; 2:4 layers also through sparse kernels on GPUs that have them.")
+    sp = sub.add_parser(
+        "speed",
+        help="inference speed of a pruned run against its dense source",
+        description="Prefill and decode tokens/s of a prunewise run and its dense source, and "
+        "per-layer matmul times; 2:4 layers also through sparse kernels on GPUs that have them.",
+    )
     sp.add_argument("--model", required=True, help="a prunewise run folder (or any model: then measured alone)")
     sp.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
-    sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load both models in this dtype (default: as stored)")
+    sp.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="load both models in this dtype (default: as stored)"
+    )
     sp.add_argument("--shapes", default="1x128,1x512,4x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
     sp.add_argument("--decode", default="1,16", help="decode batch sizes, comma-separated")
     sp.add_argument("--steps", type=int, default=32, help="tokens generated per decode measurement")
@@ -193,27 +260,47 @@ def _config_from_args(args: argparse.Namespace) -> tuple[PruneConfig, dict | Non
 
 
 # The parts of a run's wall time, in the order they happen.
-TIMED = (("loading and calibration data", "load_s"), ("allocation", "plan_s"), ("dense evaluation", "dense_eval_s"),
-         ("pruning", "prune_s"), ("perplexity", "eval_s"), ("zero-shot", "zero_shot_s"))
+TIMED = (
+    ("loading and calibration data", "load_s"),
+    ("allocation", "plan_s"),
+    ("dense evaluation", "dense_eval_s"),
+    ("pruning", "prune_s"),
+    ("perplexity", "eval_s"),
+    ("zero-shot", "zero_shot_s"),
+)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     config, expect = _config_from_args(args)
     if args.out is None and not args.dry_run:
         print("no --out given: the pruned model will not be saved", flush=True)
-    output = run(config, RunOptions(out=args.out, overwrite=args.overwrite, cache_dir=args.cache_dir,
-                                    progress=not args.quiet, dry_run=args.dry_run, format=args.format,
-                                    on_preview=_print_preview, trust_remote_code=args.trust_remote_code,
-                                    expect=expect, executor=_executor(args)))
+    output = run(
+        config,
+        RunOptions(
+            out=args.out,
+            overwrite=args.overwrite,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+            dry_run=args.dry_run,
+            format=args.format,
+            on_preview=_print_preview,
+            trust_remote_code=args.trust_remote_code,
+            expect=expect,
+            executor=_executor(args),
+        ),
+    )
     rec = output.record
     if args.out is not None and not args.dry_run:
         save_profile_plot(rec, args.out)
     search = rec.search
     if search:
         best = min(c["ppl"] for c in search["curve"])
-        print(f"{config.allocator_spec[0]}: {search['parameter']}={search['chosen']:g} chosen from {len(search['curve'])} "
-              f"trials by perplexity on {search['heldout']['windows']} held-out calibration windows "
-              f"({best:.3f}; {search['wall_s']:.1f} s)")
+        print(
+            f"{config.allocator_spec[0]}: {search['parameter']}={search['chosen']:g} chosen from "
+            f"{len(search['curve'])} "
+            f"trials by perplexity on {search['heldout']['windows']} held-out calibration windows "
+            f"({best:.3f}; {search['wall_s']:.1f} s)"
+        )
     if args.dry_run:
         layers = rec.allocation["layers"]
         print(_memory_line(rec.memory))
@@ -227,11 +314,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(block_table(pr["layers"]))
     t = rec.timings
     parts = [f"{label} {t[key]:.1f} s" for label, key in TIMED if key in t]
-    print(f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
-          f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}); {rec.wall_s:.1f} s in all "
-          f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB "
-          f"({'streamed' if rec.memory.get('mode') == 'stream' else 'in memory'}, "
-          f"estimated {rec.memory.get('estimated_host_gb', 0):.2f} GB)")
+    print(
+        f"pruned {len(pr['layers'])} linear layers with {config.metric} / {config.allocator} / {config.pattern}: "
+        f"sparsity {pr['sparsity']:.6f} (target {pr['target']:g}); {rec.wall_s:.1f} s in all "
+        f"({', '.join(parts)}), peak RSS {rec.memory['peak_rss_gb']:.2f} GB "
+        f"({'streamed' if rec.memory.get('mode') == 'stream' else 'in memory'}, "
+        f"estimated {rec.memory.get('estimated_host_gb', 0):.2f} GB)"
+    )
     if rec.dense:
         print(ppl_table([("dense", rec.dense), (f"pruned ({config.metric})", rec.pruned)]))
     if rec.zero_shot:
@@ -244,9 +333,11 @@ def _memory_line(memory: dict) -> str:
     """A dry run's memory estimate: the mode and the peaks (:mod:`prunewise.memory`)."""
     mode = "streamed from the checkpoint" if memory["mode"] == "stream" else "held in memory"
     avail = memory.get("available_host_gb")
-    line = (f"memory: the model will be {mode}; estimated peak host memory {memory['estimated_host_gb']:.2f} GB "
-            f"(whole model in memory {memory['weights_gb']:.2f} GB of weights; available "
-            f"{'unknown' if avail is None else f'{avail:.2f} GB'})")
+    line = (
+        f"memory: the model will be {mode}; estimated peak host memory {memory['estimated_host_gb']:.2f} GB "
+        f"(whole model in memory {memory['weights_gb']:.2f} GB of weights; available "
+        f"{'unknown' if avail is None else f'{avail:.2f} GB'})"
+    )
     if memory.get("estimated_device_gb") is not None:
         line += f", device {memory['estimated_device_gb']:.2f} GB"
     return line
@@ -261,16 +352,33 @@ def _print_preview(works) -> None:
     for work in works:
         print(work.line(), flush=True)
     if any(w.seconds for w in works):
-        print("(rough estimates from one sample timed through block 0; computed statistics are cached, "
-              "so the real run and later dry runs reuse them; Ctrl-C to stop)", flush=True)
+        print(
+            "(rough estimates from one sample timed through block 0; computed statistics are cached, "
+            "so the real run and later dry runs reuse them; Ctrl-C to stop)",
+            flush=True,
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    out = evaluate_run(args.model, EvalOptions(
-        data=args.data, seqlen=args.seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, tasks=args.tasks, include_path=args.include_path, limit=args.limit,
-        dense=not args.no_dense, cache_dir=args.cache_dir, progress=not args.quiet,
-        trust_remote_code=args.trust_remote_code, stream=args.stream))
+    out = evaluate_run(
+        args.model,
+        EvalOptions(
+            data=args.data,
+            seqlen=args.seqlen,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            tasks=args.tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            dense=not args.no_dense,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+            trust_remote_code=args.trust_remote_code,
+            stream=args.stream,
+        ),
+    )
     if out.perplexity:
         print(ppl_table(out.perplexity))
     if out.zero_shot:
@@ -281,8 +389,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _ints(text: str, what: str) -> list:
     """Comma-separated positive integers, or ``AxB`` pairs of them."""
     try:
-        values = [tuple(int(v) for v in item.split("x")) if "x" in item else int(item)
-                  for item in text.split(",") if item.strip()]
+        values = [
+            tuple(int(v) for v in item.split("x")) if "x" in item else int(item)
+            for item in text.split(",")
+            if item.strip()
+        ]
     except ValueError:
         raise PrunewiseError(f"{what}: cannot read '{text}'") from None
     if not values or any(v < 1 for item in values for v in (item if isinstance(item, tuple) else (item,))):
@@ -306,8 +417,16 @@ def cmd_speed(args: argparse.Namespace) -> int:
     dense = None
     if (path / RECORD).is_file():
         dense, _ = load_dense_source(RunRecord.read(path), args.dtype, cache_dir, args.trust_remote_code)
-    report = measure(pruned, dense, device=device, shapes=shapes, decode_batches=batches, steps=args.steps,
-                     tokens=args.tokens, repeat=args.repeat)
+    report = measure(
+        pruned,
+        dense,
+        device=device,
+        shapes=shapes,
+        decode_batches=batches,
+        steps=args.steps,
+        tokens=args.tokens,
+        repeat=args.repeat,
+    )
     print(tables(report))
     if args.json is not None:
         args.json.write_text(json.dumps(dataclasses.asdict(report), indent=1), encoding="utf-8")
@@ -331,12 +450,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{run_key(config)}  {status.get(run_key(config), 'to do'):<6}  {label(config)}")
         print(f"{len(runs)} runs, {sum(run_key(c) in status for c in runs)} already in {args.out}")
         return 0
-    summary = run_sweep(sweep, args.out, SweepOptions(cache_dir=args.cache_dir, progress=not args.quiet,
-                                                      save=args.save, retry_failed=args.retry_failed,
-                                                      trust_remote_code=args.trust_remote_code,
-                                                      executor=_executor(args)))
-    print(f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
-          f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}")
+    summary = run_sweep(
+        sweep,
+        args.out,
+        SweepOptions(
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+            save=args.save,
+            retry_failed=args.retry_failed,
+            trust_remote_code=args.trust_remote_code,
+            executor=_executor(args),
+        ),
+    )
+    print(
+        f"{summary.ran} runs finished, {summary.failed} failed, {summary.skipped_done} already done "
+        f"({len(runs)} in the grid) in {summary.wall_s:.1f} s; results in {summary.out / 'results.jsonl'}"
+    )
     print(f"report: prunewise report {summary.out}")
     return 1 if summary.failed else 0
 
@@ -366,7 +495,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'':<12} {e.summary}")
         print(f"  {'':<12} paper: {e.paper}")
     print("patterns (--pattern):")
-    print("  unstructured              each metric's comparison group (magnitude: matrix, wanda: row, sparsegpt: 128-column blocks)")
+    print(
+        "  unstructured              each metric's comparison group "
+        "(magnitude: matrix, wanda: row, sparsegpt: 128-column blocks)"
+    )
     print("  unstructured:group=row    compare weights within each output row")
     print("  unstructured:group=matrix compare weights across the whole matrix")
     print("  N:M (e.g. 2:4, 4:8)       exactly N zeros in every M consecutive inputs of a row; sparsity N/M")
@@ -383,8 +515,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s",
-                        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(
+        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+    )
     if not args.verbose:
         logging.getLogger("prunewise").setLevel(logging.WARNING if args.quiet else logging.INFO)
         try:
@@ -397,8 +531,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     keep_freed_memory()
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "speed": cmd_speed,
-                "list": cmd_list}
+    commands = {
+        "prune": cmd_prune,
+        "eval": cmd_eval,
+        "sweep": cmd_sweep,
+        "report": cmd_report,
+        "speed": cmd_speed,
+        "list": cmd_list,
+    }
     previous = signal.signal(signal.SIGTERM, _terminated)  # a job scheduler's stop: clean up as for Ctrl-C
     try:
         return commands[args.command](args)

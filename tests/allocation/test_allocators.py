@@ -49,6 +49,7 @@ def with_scores(profile: Profile, gen: torch.Generator, heavy: list[float]) -> P
 
 # -- OWL --------------------------------------------------------------------------------------
 
+
 def test_owl_worked_example():
     # methods.md §3.2: D = [1, 2, 3, 4] %, lam = 0.08, s = 0.7 -> [0.780, 0.727, 0.673, 0.620]
     prof = blocks_profile(4)
@@ -106,6 +107,7 @@ def test_owl_allocate_gives_lower_sparsity_to_heavier_tails():
 
 # -- ATP --------------------------------------------------------------------------------------
 
+
 def test_atp_reference_values_and_range():
     # methods.md §8: L = 32, S = 0.7, beta = 0.01 -> s_1 = 0.545, s_32 = 0.855; beta_max = 0.019355
     prof = blocks_profile(32)
@@ -148,14 +150,16 @@ def test_atp_properties(n, sparsity, frac):
 
 
 def test_atp_parameter_weighted_when_blocks_differ():
-    prof = Profile([LayerInfo("b.0", 0, 100, (10, 10)), LayerInfo("b.1", 1, 300, (10, 30)),
-                    LayerInfo("b.2", 2, 100, (10, 10))])
+    prof = Profile(
+        [LayerInfo("b.0", 0, 100, (10, 10)), LayerInfo("b.1", 1, 300, (10, 30)), LayerInfo("b.2", 2, 100, (10, 10))]
+    )
     alloc = atp.allocate(prof, 0.5, beta=0.1)
     assert weighted_mean(prof, alloc) == pytest.approx(0.5, abs=1e-12)
     assert alloc["b.1"] - alloc["b.0"] == pytest.approx(0.1)
 
 
 # -- mixed N:M ---------------------------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None)
 @given(values=st.lists(st.floats(0, 0.99), min_size=1, max_size=16), n=st.integers(1, 7))
@@ -180,6 +184,7 @@ def test_mixed_nm_needs_equal_blocks():
 
 # -- MRP --------------------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(
     heavy=st.lists(st.floats(0.5, 4.0), min_size=2, max_size=6),
@@ -187,7 +192,9 @@ def test_mixed_nm_needs_equal_blocks():
     seed=st.integers(0, 10_000),
 )
 def test_mrp_properties(heavy, sparsity, seed):
-    prof = with_scores(blocks_profile(len(heavy), sizes=(300, 500), rows=10), torch.Generator().manual_seed(seed), heavy)
+    prof = with_scores(
+        blocks_profile(len(heavy), sizes=(300, 500), rows=10), torch.Generator().manual_seed(seed), heavy
+    )
     step = 0.01
     alloc = mrp.allocate(prof, sparsity, m=2.0, start=0.0, step=step)
     check_allocation("mrp", prof, alloc, sparsity)
@@ -234,6 +241,7 @@ def test_mrp_score_follows_metric_and_no_signal_is_uniform():
 
 # -- pipeline: dense statistics, cache, N:M validation, search ---------------------------------
 
+
 def test_dense_input_norms_match_a_full_forward(calib):
     model = tiny_model("qwen2")
     norms = dense_input_norms(BlockSource(model), calib, batch_size=2, progress=False)
@@ -241,9 +249,11 @@ def test_dense_input_norms_match_a_full_forward(calib):
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+
             def hook(mod, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 sq[name] = sq.get(name, 0) + x.square().sum(0)
+
             handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         model(input_ids=calib)
@@ -289,7 +299,9 @@ def test_mixed_nm_masks_exact_per_group(allocator, metric, calib, tmp_path):
 
 @pytest.mark.parametrize("allocator", ["alphapruning", "mrp"])
 def test_allocators_without_mixed_nm_refuse_nm(allocator):
-    with pytest.raises(ConfigError, match=f"'{allocator}' needs an unstructured pattern; with N:M use one of uniform, owl, atp"):
+    with pytest.raises(
+        ConfigError, match=f"'{allocator}' needs an unstructured pattern; with N:M use one of uniform, owl, atp"
+    ):
         pw.PruneConfig(model="x", allocator=allocator, pattern="2:4").validate()
 
 
@@ -308,8 +320,15 @@ def test_heldout_windows_never_overlap_calibration():
 
 def test_atp_auto_search_on_heldout_text(tokenizer, text_file, tmp_path):
     model = tiny_model("llama", layers=4)
-    cfg = pw.PruneConfig(model="x", metric="wanda", allocator="atp:step=0.05,heldout=3", sparsity=0.5,
-                         nsamples=4, seqlen=32, calib=f"file:{text_file}")
+    cfg = pw.PruneConfig(
+        model="x",
+        metric="wanda",
+        allocator="atp:step=0.05,heldout=3",
+        sparsity=0.5,
+        nsamples=4,
+        seqlen=32,
+        calib=f"file:{text_file}",
+    )
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     planned = _plan(model, cfg, tmp_path, tokenizer=tokenizer, progress=False)
     for k, v in model.state_dict().items():  # the trials leave the model dense
@@ -320,14 +339,17 @@ def test_atp_auto_search_on_heldout_text(tokenizer, text_file, tmp_path):
     best = min(search["curve"], key=lambda c: c["ppl"])
     assert search["chosen"] == best["beta"] and search["heldout"]["windows"] == 3
     assert block_profile(planned.profile, planned.allocation) == pytest.approx(
-        atp.progression(planned.profile, 0.5, search["chosen"]))
+        atp.progression(planned.profile, 0.5, search["chosen"])
+    )
     # each trial's perplexity is the held-out perplexity of the model pruned with that beta
     trial = cfg.replace(allocator=f"atp:beta={betas[2]}")
     pw.prune(model, tokenizer, trial, cache_dir=tmp_path, progress=False)
     from prunewise.data import heldout_ids
+
     held = heldout_ids(tokenizer, cfg.calib, 4, 32, 0, 3, tmp_path)
     assert pw.perplexity(model, held.reshape(-1), 32, progress=False)["ppl"] == pytest.approx(
-        search["curve"][2]["ppl"], rel=1e-6)
+        search["curve"][2]["ppl"], rel=1e-6
+    )
 
 
 def test_cli_owl_dry_run_and_record_with_plot(tokenizer, text_file, tmp_path, capsys):
@@ -336,14 +358,32 @@ def test_cli_owl_dry_run_and_record_with_plot(tokenizer, text_file, tmp_path, ca
     d = tmp_path / "m"
     tiny_model("llama").save_pretrained(d)
     tokenizer.save_pretrained(d)
-    base = ["prune", "--model", str(d), "--calib", f"file:{text_file}", "--nsamples", "4", "--seqlen", "32",
-            "--metric", "wanda", "--allocator", "owl:m=2,lam=0.1", "--sparsity", "0.6", "-q",
-            "--cache-dir", str(tmp_path / "cache")]
+    base = [
+        "prune",
+        "--model",
+        str(d),
+        "--calib",
+        f"file:{text_file}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--metric",
+        "wanda",
+        "--allocator",
+        "owl:m=2,lam=0.1",
+        "--sparsity",
+        "0.6",
+        "-q",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(base + ["--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "allocation 'owl:m=2,lam=0.1' at target 0.6 (21 layers)" in printed
-    assert printed.index("- dense calibration pass (input norms): 4 x 32 tokens through 3 blocks: about") < \
-        printed.index("allocation 'owl")
+    assert printed.index(
+        "- dense calibration pass (input norms): 4 x 32 tokens through 3 blocks: about"
+    ) < printed.index("allocation 'owl")
     rows = [line.split() for line in printed.splitlines() if line.split() and line.split()[0].isdigit()]
     assert len(rows) == 3 and len({r[3] for r in rows}) > 1  # three blocks, not all equal
     out = tmp_path / "run"
@@ -370,8 +410,16 @@ def test_dry_run_announces_heavy_work_before_it_starts(tokenizer, text_file, tmp
 
     def dry(allocator: str, metric: str = "wanda"):
         events.clear()
-        cfg = pw.PruneConfig(model=str(d), calib=f"file:{text_file}", nsamples=20, seqlen=32, metric=metric,
-                             allocator=allocator, sparsity=0.6, eval_data=None)
+        cfg = pw.PruneConfig(
+            model=str(d),
+            calib=f"file:{text_file}",
+            nsamples=20,
+            seqlen=32,
+            metric=metric,
+            allocator=allocator,
+            sparsity=0.6,
+            eval_data=None,
+        )
         out = pw.run(cfg, dry_run=True, cache_dir=tmp_path / "cache", progress=False, on_preview=events.append)
         return events[0], out.record
 
@@ -385,17 +433,27 @@ def test_dry_run_announces_heavy_work_before_it_starts(tokenizer, text_file, tmp
 
     works, rec = dry("atp:step=0.05,heldout=2", metric="magnitude")
     n = len(rec.search["curve"])
-    assert [w.what for w in works] == [f"atp search: {n} trial prunings with magnitude, each scored on 2 held-out windows"]
-    assert n == 1 + len(atp.beta_grid(pw.allocation.planner.build_profile(
-        BlockSource(tiny_model("llama"))), 0.6, 0.05)) and "atp:beta=NUMBER" in works[0].cheaper
+    assert [w.what for w in works] == [
+        f"atp search: {n} trial prunings with magnitude, each scored on 2 held-out windows"
+    ]
+    assert (
+        n == 1 + len(atp.beta_grid(pw.allocation.planner.build_profile(BlockSource(tiny_model("llama"))), 0.6, 0.05))
+        and "atp:beta=NUMBER" in works[0].cheaper
+    )
     works, _ = dry("uniform")
     assert works == []
 
 
 def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
     model = tiny_model("llama", layers=4)
-    cfg = pw.PruneConfig(model="x", metric="wanda", allocator="mrp:stats=dynamic,rounds=2,m=2,start=0.2",
-                         sparsity=0.6, nsamples=6, seqlen=24)
+    cfg = pw.PruneConfig(
+        model="x",
+        metric="wanda",
+        allocator="mrp:stats=dynamic,rounds=2,m=2,start=0.2",
+        sparsity=0.6,
+        nsamples=6,
+        seqlen=24,
+    )
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     planned = _plan(model, cfg, tmp_path, calib=calib, progress=False)
     for k, v in model.state_dict().items():
@@ -413,8 +471,14 @@ def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
     prof.stats["dense_input_norm"] = dense_input_norms(BlockSource(model), calib, progress=False)
     final = mrp.fill(prof, 0.6, first, **params)
     assert final == pytest.approx(planned.allocation)
-    assert final != pytest.approx(mrp.fill(_plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib,
-                                                 progress=False).profile, 0.6, first, **params))
+    assert final != pytest.approx(
+        mrp.fill(
+            _plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib, progress=False).profile,
+            0.6,
+            first,
+            **params,
+        )
+    )
     with pytest.raises(ConfigError, match="stats=dynamic prunes"):
         mrp.allocate(prof, 0.6, stats="dynamic")
 
@@ -426,16 +490,42 @@ def test_cli_atp_search_printed_and_recorded(tokenizer, text_file, tmp_path, cap
     tiny_model("llama").save_pretrained(d)
     tokenizer.save_pretrained(d)
     out = tmp_path / "run"
-    assert main(["prune", "--model", str(d), "--calib", f"file:{text_file}", "--nsamples", "4", "--seqlen", "32",
-                 "--metric", "magnitude", "--allocator", "atp:step=0.1,heldout=2", "--sparsity", "0.6", "-q",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(d),
+                "--calib",
+                f"file:{text_file}",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--metric",
+                "magnitude",
+                "--allocator",
+                "atp:step=0.1,heldout=2",
+                "--sparsity",
+                "0.6",
+                "-q",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rec = json.loads((out / "pruning.json").read_text())
     search = rec["allocation"]["search"]
     # 3 blocks at 60%: beta < 2 * 0.4 / 2 = 0.4 -> grid 0.1, 0.2, 0.3 plus 0
     assert [c["beta"] for c in search["curve"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
-    assert f"atp: beta={search['chosen']:g} chosen from 4 trials by perplexity on 2 held-out calibration windows" in printed
+    assert (
+        f"atp: beta={search['chosen']:g} chosen from 4 trials by perplexity on 2 held-out calibration windows"
+        in printed
+    )
     assert rec["config"]["allocator"] == "atp:step=0.1,heldout=2"
-    assert rec["allocation"]["blocks"] == pytest.approx(
-        [0.6 - search["chosen"], 0.6, 0.6 + search["chosen"]])
+    assert rec["allocation"]["blocks"] == pytest.approx([0.6 - search["chosen"], 0.6, 0.6 + search["chosen"]])
     assert (out / "allocation.png").stat().st_size > 5000

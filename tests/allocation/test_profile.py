@@ -61,7 +61,9 @@ def test_hill_fit_scale_invariant_when_corrected():
 
 
 def test_peak_candidates_window_and_quirk():
-    lam = torch.sort(torch.rand(500, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 10 + 0.01).values
+    lam = torch.sort(
+        torch.rand(500, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 10 + 0.01
+    ).values
     fixed = candidates_for(lam, "xmin_peak")
     quirk = candidates_for(lam, "xmin_peak", faithful_log10=True)
     assert set(fixed.tolist()) <= set(quirk.tolist())  # the quirk's lower bound is (almost) inactive

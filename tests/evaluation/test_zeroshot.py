@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ def hand_accuracy(model, tok, docs):
         lls, lens = [], []
         for choice in doc["choices"]:
             whole = tok(doc["query"] + " " + choice, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx) :]
             logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
             lls.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
             lens.append(len(choice))
@@ -56,8 +55,15 @@ def test_limit_caps_examples(tokenizer):
 
 
 def test_presets_and_names():
-    assert parse_tasks("paper") == ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-                                    "openbookqa"]
+    assert parse_tasks("paper") == [
+        "boolq",
+        "rte",
+        "hellaswag",
+        "winogrande",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+    ]
     assert "piqa" in parse_tasks("atp") and "rte" not in parse_tasks("atp")
     assert parse_tasks("boolq, rte,boolq") == ["boolq", "rte"]
     with pytest.raises(PrunewiseError, match="no task"):
@@ -84,9 +90,28 @@ def test_prune_with_tasks_evaluates_dense_and_pruned(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(make_text(3000), encoding="utf-8")
     out = tmp_path / "run"
-    argv = ["prune", "--model", str(model_dir), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
-            "--metric", "wanda", "--sparsity", "0.7", "--tasks", "tiny_mc", "--include-path", str(TASKS),
-            "--out", str(out), "-q"]
+    argv = [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--metric",
+        "wanda",
+        "--sparsity",
+        "0.7",
+        "--tasks",
+        "tiny_mc",
+        "--include-path",
+        str(TASKS),
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tiny_mc" in printed and "average" in printed
@@ -99,8 +124,10 @@ def test_prune_with_tasks_evaluates_dense_and_pruned(tmp_path, capsys):
     assert (zs["dense"]["tasks"]["tiny_mc"]["acc"], zs["dense"]["tasks"]["tiny_mc"]["acc_norm"]) == dense_acc
     assert (zs["pruned"]["tasks"]["tiny_mc"]["acc"], zs["pruned"]["tasks"]["tiny_mc"]["acc_norm"]) == pruned_acc
     # eval on the run folder: pruned measured again, dense taken from the record (same tasks)
-    assert main(["eval", "--model", str(out), "--data", "none", "--tasks", "tiny_mc", "--include-path", str(TASKS),
-                 "-q"]) == 0
+    assert (
+        main(["eval", "--model", str(out), "--data", "none", "--tasks", "tiny_mc", "--include-path", str(TASKS), "-q"])
+        == 0
+    )
     table = capsys.readouterr().out
     assert "dense" in table and "pruned" in table
     row = next(x for x in table.splitlines() if x.startswith("tiny_mc"))

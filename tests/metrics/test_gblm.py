@@ -58,8 +58,7 @@ def test_never_more_than_one_gradient_alive(calib):
     for b in blocks:
         for _, m in block_linears(b):
             # registered first, so it runs before the collector's own hook frees the gradient
-            m.weight.register_post_accumulate_grad_hook(
-                lambda p: alive.append(sum(q.grad is not None for q in params)))
+            m.weight.register_post_accumulate_grad_hook(lambda p: alive.append(sum(q.grad is not None for q in params)))
     collect_gradients(model, calib[:2], progress=False)
     assert len(alive) == 2 * 3 * 7 and max(alive) == 1
 
@@ -82,13 +81,17 @@ def test_quantized_weights_cannot_run_backward(calib):
     model = tiny_model("llama")
     lin = model.model.layers[1].mlp.up_proj
     lin.weight = torch.nn.Parameter(lin.weight.data.to(torch.int8), requires_grad=False)
-    with pytest.raises(PrunewiseError, match=r"cannot run backward: model.layers.1.mlp.up_proj is stored as torch.int8"):
+    with pytest.raises(
+        PrunewiseError, match=r"cannot run backward: model.layers.1.mlp.up_proj is stored as torch.int8"
+    ):
         collect_gradients(model, calib[:2], progress=False)
 
 
 def test_insufficient_memory_says_what_it_needs(calib):
     model = tiny_model("llama")
-    with pytest.raises(PrunewiseError, match=r"needs about .* GB \(accumulators .*\) but 0.00 GB is available.*checkpointing=true"):
+    with pytest.raises(
+        PrunewiseError, match=r"needs about .* GB \(accumulators .*\) but 0.00 GB is available.*checkpointing=true"
+    ):
         collect_gradients(model, calib[:2], progress=False, available=1000)
 
 

@@ -98,12 +98,14 @@ def brute_force_sparsegpt(w, h, sparsity, blocksize, pattern, percdamp=0.01):
     return w
 
 
-@pytest.mark.parametrize("blocksize,pattern", [(16, Pattern()), (5, Pattern()), (16, Pattern(2, 4)), (8, Pattern(1, 4))])
+@pytest.mark.parametrize(
+    "blocksize,pattern", [(16, Pattern()), (5, Pattern()), (16, Pattern(2, 4)), (8, Pattern(1, 4))]
+)
 def test_sparsegpt_matches_brute_force_obs(blocksize, pattern):
     torch.manual_seed(1)
     rows, cols = 6, 16
     mix = torch.randn(cols, cols)
-    x = (torch.randn(4, 40, cols) @ mix)
+    x = torch.randn(4, 40, cols) @ mix
     x[..., 3] = 0  # a dead input
     w = torch.randn(rows, cols)
     st = stats_from(x, gram=True)

@@ -11,51 +11,101 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import prunewise as pw
-from prunewise.prune.masks import target_count
 from helpers import VOCAB, last_block_output
 from prunewise.model.blocks import BlockSource
 from prunewise.model.experts import ExpertLinear
 from prunewise.model.layers import find_blocks
 from prunewise.model.sources import replay
 from prunewise.model.streaming import model_fingerprint
+from prunewise.prune.masks import target_count
 from prunewise.run.saving import mask_digest
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
 
 FAMILIES = {
-    "llama3": lambda: transformers.LlamaConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-    "mistral": lambda: transformers.MistralConfig(**SMALL, intermediate_size=48, num_key_value_heads=2,
-                                                  sliding_window=8),
+    "llama3": lambda: transformers.LlamaConfig(
+        **SMALL,
+        intermediate_size=48,
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        **SMALL, intermediate_size=48, num_key_value_heads=2, sliding_window=8
+    ),
     "qwen2": lambda: transformers.Qwen2Config(**SMALL, intermediate_size=48, num_key_value_heads=2),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, intermediate_size=48, num_key_value_heads=2, head_dim=8),
-    "gemma2": lambda: transformers.Gemma2Config(**SMALL, intermediate_size=48, num_key_value_heads=2, head_dim=8,
-                                                sliding_window=8, final_logit_softcapping=30.0,
-                                                attn_logit_softcapping=50.0),
-    "gemma3": lambda: transformers.Gemma3TextConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, head_dim=8,
-                                                    sliding_window=8, layer_types=["sliding_attention",
-                                                                                   "full_attention"]),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL,
+        intermediate_size=48,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **SMALL,
+        intermediate_size=48,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "phi3": lambda: transformers.Phi3Config(**SMALL, intermediate_size=48, num_key_value_heads=2, pad_token_id=0),
     "olmo2": lambda: transformers.Olmo2Config(**SMALL, intermediate_size=48, num_key_value_heads=2, pad_token_id=0),
-    "falcon": lambda: transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                num_attention_heads=4, new_decoder_architecture=True,
-                                                num_kv_heads=2, max_position_embeddings=64),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, intermediate_size=48),
-    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
-                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "mixtral": lambda: transformers.MixtralConfig(**SMALL, intermediate_size=16, num_key_value_heads=2,
-                                                  num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, **MOE,
-                                                     num_experts=4, shared_expert_intermediate_size=24),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, **MOE,
-                                                     num_experts=4, head_dim=8),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **SMALL, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **SMALL, intermediate_size=48, num_key_value_heads=2, **MOE, num_experts=4, shared_expert_intermediate_size=24
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **SMALL, intermediate_size=48, num_key_value_heads=2, **MOE, num_experts=4, head_dim=8
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **SMALL, intermediate_size=48, num_key_value_heads=4, **MOE, n_routed_experts=4, n_shared_experts=1,
-        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-        v_head_dim=8, n_group=2, topk_group=1),
+        **SMALL,
+        intermediate_size=48,
+        num_key_value_heads=4,
+        **MOE,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=2,
+        topk_group=1,
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
@@ -110,7 +160,11 @@ def test_experts_are_layers_and_the_router_is_never_pruned(family, ids, tmp_path
     moe_blocks = {i for i, n, m in source.all_linears() if isinstance(m, ExpertLinear)}
     assert len(experts) == 2 * 4 * len(moe_blocks) and moe_blocks
     assert not [n for n in layers if n.endswith((".gate", ".shared_expert_gate", ".router"))]
-    routers = {n: p.clone() for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
+    routers = {
+        n: p.clone()
+        for n, p in model.named_parameters()
+        if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+    }
     assert routers
     cfg = pw.PruneConfig(model="x", metric="wanda", sparsity=0.5, nsamples=4, seqlen=24)
     pw.prune(model, None, cfg, calib=ids, cache_dir=tmp_path, progress=False)
@@ -136,8 +190,9 @@ def test_each_expert_sees_only_its_routed_tokens(ids):
         stats = {n: make_stats(("input_norm",), m.weight.shape[1]) for n, m in linears}
         StatsCollector(stats, None).run(block, linears, inputs.hidden, inputs.calls[0])
         moe = block.mlp
-        h = block.post_attention_layernorm(block.self_attn(block.input_layernorm(inputs.hidden[0]),
-                                                           **inputs.calls[0][0].kwargs)[0] + inputs.hidden[0])
+        h = block.post_attention_layernorm(
+            block.self_attn(block.input_layernorm(inputs.hidden[0]), **inputs.calls[0][0].kwargs)[0] + inputs.hidden[0]
+        )
         flat = h.reshape(-1, h.shape[-1])
         _, _, top_k_index = moe.gate(flat)
     for e in range(4):

@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from helpers import make_tokenizer, tiny_config
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
-from prunewise.prune import gradients
 from prunewise.model.loading import bundled_model_dir, load_model, load_skeleton
 from prunewise.model.memory import Workload, estimate
 from prunewise.model.streaming import model_fingerprint, random_checkpoint, stream_of
+from prunewise.prune import gradients
 from prunewise.run.evaluate import evaluate_run
 from prunewise.run.pipeline import run
 from prunewise.storage.cache import default_cache_dir
@@ -44,8 +44,13 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_shard_writer_round_trip_in_any_order(tmp_path):
     g = torch.Generator().manual_seed(0)
-    values = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
-              "c": torch.tensor(11), "d": torch.randn(4, 4, generator=g).half(), "e": torch.zeros(0, 3)}
+    values = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.tensor(11),
+        "d": torch.randn(4, 4, generator=g).half(),
+        "e": torch.zeros(0, 3),
+    }
     writer = ShardWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in values.items()], max_shard_bytes=64)
     for name in ("d", "e", "b", "a", "c"):
         writer.put(name, values[name])
@@ -77,15 +82,28 @@ def test_skeleton_reads_the_same_model(model_dir, tokenizer):
 
 
 def _cfg(model_dir: Path, text: Path, metric: str, allocator: str, stream: str, **kw) -> PruneConfig:
-    return PruneConfig(model=str(model_dir), metric=metric, allocator=allocator, sparsity=0.5, calib=f"file:{text}",
-                       nsamples=4, seqlen=16, eval_data=f"file:{text}", eval_seqlen=16, max_tokens=320,
-                       stream=stream, **kw)
+    return PruneConfig(
+        model=str(model_dir),
+        metric=metric,
+        allocator=allocator,
+        sparsity=0.5,
+        calib=f"file:{text}",
+        nsamples=4,
+        seqlen=16,
+        eval_data=f"file:{text}",
+        eval_seqlen=16,
+        max_tokens=320,
+        stream=stream,
+        **kw,
+    )
 
 
 def _both(tmp_path: Path, make) -> tuple:
     """The run in memory and streamed, each with its own cache."""
-    outs = [run(make(mode), out=tmp_path / mode, cache_dir=tmp_path / f"cache-{mode}", progress=False)
-            for mode in ("off", "on")]
+    outs = [
+        run(make(mode), out=tmp_path / mode, cache_dir=tmp_path / f"cache-{mode}", progress=False)
+        for mode in ("off", "on")
+    ]
     return outs[0].record, outs[1].record
 
 
@@ -100,8 +118,15 @@ def _assert_same(tmp_path: Path, a, b) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-ALLOCATORS = ("uniform", "owl", "alphapruning", "atp:beta=0.1", "atp:beta=auto,step=0.1", "mrp",
-              "mrp:stats=dynamic,rounds=2")
+ALLOCATORS = (
+    "uniform",
+    "owl",
+    "alphapruning",
+    "atp:beta=0.1",
+    "atp:beta=auto,step=0.1",
+    "mrp",
+    "mrp:stats=dynamic,rounds=2",
+)
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
@@ -113,8 +138,12 @@ def test_streamed_run_equals_in_memory(model_dir, text, tmp_path, metric, alloca
 
 @pytest.mark.parametrize("pattern", ("2:4", "unstructured:group=matrix"))
 def test_streamed_patterns_and_single_pass(model_dir, text, tmp_path, pattern):
-    a, b = _both(tmp_path, lambda mode: _cfg(model_dir, text, "wanda", "uniform", mode, pattern=pattern,
-                                             mode="single-pass").replace(sparsity=None))
+    a, b = _both(
+        tmp_path,
+        lambda mode: _cfg(model_dir, text, "wanda", "uniform", mode, pattern=pattern, mode="single-pass").replace(
+            sparsity=None
+        ),
+    )
     _assert_same(tmp_path, a, b)
 
 
@@ -137,12 +166,17 @@ def test_gblm_spills_block_inputs_to_disk(model_dir, text, tmp_path, monkeypatch
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    kept = run(_cfg(model_dir, text, "gblm", "uniform", "on"), out=tmp_path / "kept",
-               cache_dir=tmp_path / "c1", progress=False).record
+    kept = run(
+        _cfg(model_dir, text, "gblm", "uniform", "on"), out=tmp_path / "kept", cache_dir=tmp_path / "c1", progress=False
+    ).record
     assert spills == [False] and saved == []
     monkeypatch.setattr(gradients, "host_available", lambda: 1)
-    spilled = run(_cfg(model_dir, text, "gblm", "uniform", "on"), out=tmp_path / "spilled",
-                  cache_dir=tmp_path / "c2", progress=False).record
+    spilled = run(
+        _cfg(model_dir, text, "gblm", "uniform", "on"),
+        out=tmp_path / "spilled",
+        cache_dir=tmp_path / "c2",
+        progress=False,
+    ).record
     assert spills == [False, True]
     blocks = len(kept.allocation["blocks"])
     assert len(saved) == blocks  # one file of kept inputs a block, on disk
@@ -150,12 +184,18 @@ def test_gblm_spills_block_inputs_to_disk(model_dir, text, tmp_path, monkeypatch
 
 
 def test_bf16_sharded_checkpoint_stays_bf16_and_sharded(tmp_path):
-    src = random_checkpoint(tmp_path / "src", tiny_config("llama", vocab=64, layers=4), dtype=torch.bfloat16,
-                            tokenizer=make_tokenizer(), max_shard_bytes=20_000)
+    src = random_checkpoint(
+        tmp_path / "src",
+        tiny_config("llama", vocab=64, layers=4),
+        dtype=torch.bfloat16,
+        tokenizer=make_tokenizer(),
+        max_shard_bytes=20_000,
+    )
     assert len(list(src.glob("*.safetensors"))) >= 3
     out = tmp_path / "out"
-    rec = run(PruneConfig(model=str(src), metric="magnitude", sparsity=0.5, stream="on"), out=out,
-              progress=False).record
+    rec = run(
+        PruneConfig(model=str(src), metric="magnitude", sparsity=0.5, stream="on"), out=out, progress=False
+    ).record
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
     saved = _tensors(out)
@@ -228,18 +268,51 @@ def test_prunes_and_evaluates_a_checkpoint_three_times_larger_than_its_memory(tm
     real cgroup limit with --stream auto where the machine allows (the run must choose to stream),
     else with --stream on; its peak RSS from getrusage, exact sparsity from the saved shards."""
     limit = 10**9
-    config = LlamaConfig(vocab_size=len(make_tokenizer()), hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=72, num_attention_heads=16, num_key_value_heads=4,
-                         max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(make_tokenizer()),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=72,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
     src = random_checkpoint(tmp_path / "big", config, tokenizer=make_tokenizer(), max_shard_bytes=5 * 10**8)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert size > 3 * limit
     group = _cgroup_v1(limit)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "prunewise", "prune", "--model", str(src), "--metric", "wanda", "--sparsity", "0.5",
-           "--calib", f"file:{text}", "--nsamples", "2", "--seqlen", "64", "--eval-data", f"file:{text}",
-           "--eval-seqlen", "64", "--max-tokens", "512", "--stream", "auto" if group else "on", "--out", str(out),
-           "-q", "--cache-dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunewise",
+        "prune",
+        "--model",
+        str(src),
+        "--metric",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "64",
+        "--eval-data",
+        f"file:{text}",
+        "--eval-seqlen",
+        "64",
+        "--max-tokens",
+        "512",
+        "--stream",
+        "auto" if group else "on",
+        "--out",
+        str(out),
+        "-q",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     # A parent of its own, so RUSAGE_CHILDREN is this run's alone; it joins the cgroup before exec.
     probe = textwrap.dedent(f"""
         import os, resource, subprocess, sys
@@ -266,14 +339,30 @@ def test_prunes_and_evaluates_a_checkpoint_three_times_larger_than_its_memory(tm
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("metric,allocator", [("wanda", "owl"), ("sparsegpt", "alphapruning"),
-                                              ("gblm", "atp:beta=auto,step=0.01"),
-                                              ("magnitude", "mrp:stats=dynamic,rounds=2")])
+@pytest.mark.parametrize(
+    "metric,allocator",
+    [
+        ("wanda", "owl"),
+        ("sparsegpt", "alphapruning"),
+        ("gblm", "atp:beta=auto,step=0.01"),
+        ("magnitude", "mrp:stats=dynamic,rounds=2"),
+    ],
+)
 def test_bundled_model_streamed_equals_in_memory(tmp_path, metric, allocator):
     """Each metric and each allocator once on SmolLM2-135M: streamed and in memory, own caches."""
+
     def config(mode: str) -> PruneConfig:
-        return PruneConfig(metric=metric, allocator=allocator, sparsity=0.6, nsamples=2, seqlen=64,
-                           eval_data="wiki", eval_seqlen=256, max_tokens=1024, stream=mode)
+        return PruneConfig(
+            metric=metric,
+            allocator=allocator,
+            sparsity=0.6,
+            nsamples=2,
+            seqlen=64,
+            eval_data="wiki",
+            eval_seqlen=256,
+            max_tokens=1024,
+            stream=mode,
+        )
 
     records = []
     for mode in ("off", "on"):

@@ -32,8 +32,12 @@ def test_replay_matches_full_forward(arch, calib):
 def test_find_blocks_generic(arch):
     model = tiny_model(arch)
     path, blocks = find_blocks(model)
-    assert path == {"llama": "model.layers", "qwen2": "model.layers", "opt": "model.decoder.layers",
-                    "gpt2": "transformer.h"}[arch]
+    assert (
+        path
+        == {"llama": "model.layers", "qwen2": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h"}[
+            arch
+        ]
+    )
     assert len(blocks) == 3
     assert len(block_linears(blocks[0])) == LINEARS_PER_BLOCK[arch]
 
@@ -109,8 +113,13 @@ def test_wanda_uses_the_inputs_each_layer_receives(calib):
     w = ref.model.layers[0].mlp.down_proj.weight
     score = w.abs() * norm
     expect = torch.zeros_like(w, dtype=torch.bool).scatter_(1, score.argsort(dim=1, stable=True)[:, :32], True)
-    pw.prune(model, None, pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24, batch_size=4),
-             calib=calib, progress=False)
+    pw.prune(
+        model,
+        None,
+        pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24, batch_size=4),
+        calib=calib,
+        progress=False,
+    )
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight == 0, expect)
 
 
@@ -141,15 +150,22 @@ def test_magnitude_needs_no_data_and_is_deterministic():
 
 def test_sparsity_zero_changes_nothing(calib):
     model, ref = tiny_model("qwen2"), tiny_model("qwen2")
-    pw.prune(model, None, pw.PruneConfig(metric="wanda", sparsity=0.0, nsamples=6, seqlen=24), calib=calib, progress=False)
+    pw.prune(
+        model, None, pw.PruneConfig(metric="wanda", sparsity=0.0, nsamples=6, seqlen=24), calib=calib, progress=False
+    )
     for pa, pb in zip(model.parameters(), ref.parameters()):
         assert torch.equal(pa, pb)
 
 
 def test_bfloat16_model_keeps_dtype(calib):
     model = tiny_model("llama").to(torch.bfloat16)
-    res = pw.prune(model, None, pw.PruneConfig(metric="sparsegpt", sparsity=0.5, nsamples=6, seqlen=24),
-                   calib=calib, progress=False)
+    res = pw.prune(
+        model,
+        None,
+        pw.PruneConfig(metric="sparsegpt", sparsity=0.5, nsamples=6, seqlen=24),
+        calib=calib,
+        progress=False,
+    )
     assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
     assert res.sparsity == pytest.approx(0.5)
 
@@ -165,15 +181,22 @@ def test_two_pass_matches_full_forward_reference(arch, calib):
     """The papers' protocol written the slow, obvious way: for block i, run the whole model (blocks
     before i already pruned, i still dense) and take Wanda statistics of block i's layers."""
     model, ref = tiny_model(arch), tiny_model(arch)
-    pw.prune(model, None, pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24, batch_size=4),
-             calib=calib, progress=False)
+    pw.prune(
+        model,
+        None,
+        pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24, batch_size=4),
+        calib=calib,
+        progress=False,
+    )
     _, blocks = find_blocks(ref)
     for block in blocks:
         sums, handles = {}, []
         for name, m in block_linears(block):
+
             def hook(mod, args, name=name, sums=sums):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] = sums.get(name, 0) + x.square().sum(0)
+
             handles.append(m.register_forward_pre_hook(hook))
         with torch.no_grad():
             ref(input_ids=calib, use_cache=False)

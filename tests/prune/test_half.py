@@ -45,8 +45,16 @@ def run(model, metric, calib, pattern="unstructured", sparsity=0.5):
 
         grads = collect_gradients(model, calib, norm="l1", scale=100.0, device=DEVICE, progress=False)
     allocation = {name: sparsity for name in linears(model)}
-    return prune_model(model, calib, metric=metric, allocation=allocation, pattern=parse_pattern(pattern),
-                       device=DEVICE, progress=False, grads=grads)
+    return prune_model(
+        model,
+        calib,
+        metric=metric,
+        allocation=allocation,
+        pattern=parse_pattern(pattern),
+        device=DEVICE,
+        progress=False,
+        grads=grads,
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -85,14 +93,15 @@ def test_saved_checkpoint_keeps_the_source_dtype(dtype, tokenizer, text_file, tm
     src = tmp_path / "src"
     tiny_model("llama").to(getattr(torch, dtype)).save_pretrained(src)
     tokenizer.save_pretrained(src)
-    cfg = pw.PruneConfig(model=str(src), metric="wanda", sparsity=0.5, calib=f"file:{text_file}", nsamples=4,
-                         seqlen=32, device=DEVICE)
+    cfg = pw.PruneConfig(
+        model=str(src), metric="wanda", sparsity=0.5, calib=f"file:{text_file}", nsamples=4, seqlen=32, device=DEVICE
+    )
     pw.run(cfg, out=tmp_path / "out", progress=False)
     head = (tmp_path / "out" / "model.safetensors").read_bytes()
-    header = json.loads(head[8:8 + int.from_bytes(head[:8], "little")])
+    header = json.loads(head[8 : 8 + int.from_bytes(head[:8], "little")])
     dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
     assert dtypes == {"BF16" if dtype == "bfloat16" else "F16"}
     pw.run(cfg.replace(dtype="float32"), out=tmp_path / "out32", progress=False)  # --dtype overrides
     head = (tmp_path / "out32" / "model.safetensors").read_bytes()
-    header = json.loads(head[8:8 + int.from_bytes(head[:8], "little")])
+    header = json.loads(head[8 : 8 + int.from_bytes(head[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F32"}

@@ -107,8 +107,13 @@ def test_unstructured_exact_count(rows, cols, sparsity, group, levels, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 7), extra=st.integers(1, 4), rows=st.integers(1, 6), groups=st.integers(1, 5),
-       seed=st.integers(0, 1000))
+@given(
+    n=st.integers(1, 7),
+    extra=st.integers(1, 4),
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
 def test_nm_exactly_n_per_group(n, extra, rows, groups, seed):
     m = n + extra
     g = torch.Generator().manual_seed(seed)
@@ -129,8 +134,13 @@ def test_sparsity_out_of_range():
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 7), cols=st.integers(1, 40), levels=st.integers(1, 5), seed=st.integers(0, 10_000),
-       data=st.data())
+@given(
+    rows=st.integers(1, 7),
+    cols=st.integers(1, 40),
+    levels=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+    data=st.data(),
+)
 def test_selection_equals_stable_sort(rows, cols, levels, seed, data):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (rows, cols), generator=g).float()

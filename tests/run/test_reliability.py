@@ -11,6 +11,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,22 +19,37 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import make_text, tiny_model
-from prunewise.model import loading as models
 from prunewise.cli import main
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
+from prunewise.model import loading as models
 from prunewise.model.streaming import model_fingerprint
 from prunewise.run.export import EXPORTERS
 from prunewise.run.results import read_results
-from prunewise.storage.atomic import atomic_folder, clean_stale
+from prunewise.storage.atomic import atomic_folder, clean_stale, hold
 from prunewise.storage.cache import cached, entry
 from prunewise.sweep.grid import Sweep
 from prunewise.sweep.runner import _locked, run_sweep
 
 
 def argv(model, text, *extra):
-    return ["prune", "--model", str(model), "--calib", f"file:{text}", "--nsamples", "4", "--seqlen", "32",
-            "--metric", "magnitude", "--sparsity", "0.5", "-q", *map(str, extra)]
+    return [
+        "prune",
+        "--model",
+        str(model),
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--metric",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "-q",
+        *map(str, extra),
+    ]
 
 
 def snapshot(folder):
@@ -82,9 +98,15 @@ def test_auto_map_code_never_runs_and_nothing_prompts(tmp_path, text, capsys, mo
     evil = tmp_path / "evil"
     evil.mkdir()
     marker = tmp_path / "ran"
-    (evil / "config.json").write_text(json.dumps({
-        "model_type": "evilmodel", "architectures": ["EvilModel"],
-        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (evil / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evilmodel",
+                "architectures": ["EvilModel"],
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+            }
+        )
+    )
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\ny\n"))  # what would answer transformers' prompt
     assert main(argv(evil, text)) == 2
@@ -102,6 +124,7 @@ def test_cache_entries_are_verified_and_recomputed(tmp_path, caplog):
         def fn():
             calls.append(value)
             return {"a": torch.full((3,), float(value)), "b": torch.tensor(2.0)}  # a 0-dim tensor too
+
         return fn
 
     first = cached(tmp_path, "norms", "k1", compute(1))
@@ -208,12 +231,16 @@ def test_sweep_resume_refuses_another_models_results(tokenizer, text, tmp_path):
     tiny_model("llama", seed=0).save_pretrained(src)
     tokenizer.save_pretrained(src)
     base = PruneConfig(model=str(src), calib=f"file:{text}", nsamples=4, seqlen=32)
-    run_sweep(Sweep(base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5],
-                    patterns=["unstructured"]), tmp_path / "s", progress=False)
+    run_sweep(
+        Sweep(base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5], patterns=["unstructured"]),
+        tmp_path / "s",
+        progress=False,
+    )
     assert read_results(tmp_path / "s")[0]["source"]["fingerprint"]
     tiny_model("llama", seed=1).save_pretrained(src)
-    more = Sweep(base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5, 0.6],
-                 patterns=["unstructured"])
+    more = Sweep(
+        base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5, 0.6], patterns=["unstructured"]
+    )
     with pytest.raises(PrunewiseError, match="is not the model the results in .* was made from"):
         run_sweep(more, tmp_path / "s", progress=False)
     assert len(read_results(tmp_path / "s")) == 1
@@ -295,8 +322,15 @@ def test_bad_text_and_repeating_windows(model_dir, tmp_path, capsys, caplog):
 
 
 def test_result_lines_that_are_not_results_are_skipped(tmp_path, capsys):
-    good = {"key": "k", "kind": "run", "status": "ok", "config": {**PruneConfig().to_dict(), "sparsity": 0.5},
-            "pruned": {"ppl": 10.0}, "pruning": {"target": 0.5, "sparsity": 0.5}, "schema": 2}
+    good = {
+        "key": "k",
+        "kind": "run",
+        "status": "ok",
+        "config": {**PruneConfig().to_dict(), "sparsity": 0.5},
+        "pruned": {"ppl": 10.0},
+        "pruning": {"target": 0.5, "sparsity": 0.5},
+        "schema": 2,
+    }
     lines = [json.dumps(good), json.dumps({"kind": "run"}), json.dumps([1, 2]), "{torn"]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
     assert [r["key"] for r in read_results(tmp_path)] == ["k"]
@@ -307,17 +341,28 @@ def test_result_lines_that_are_not_results_are_skipped(tmp_path, capsys):
 
 
 def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     target = tmp_path / "run"
     (tmp_path / f".run.tmp-{dead}-abc").mkdir()
     (tmp_path / f".run.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"0" * 1000)
-    (tmp_path / f".run.tmp-{os.getpid()}-live").mkdir()  # a live writer's: left alone
+    (tmp_path / f".run.tmp-{dead}-abc" / ".lock").touch()  # its writer's lock, released when it died
+    live = tmp_path / f".run.tmp-{os.getpid()}-live"
+    live.mkdir()
+    held = hold(live / ".lock")  # a live writer's: left alone
     (tmp_path / f".run.old-{dead}-xyz" / "run").mkdir(parents=True)  # killed mid-swap: the only copy
     (tmp_path / f".run.old-{dead}-xyz" / "run" / "pruning.json").write_text("{}")
+    (tmp_path / f".run.old-{dead}-xyz" / ".lock").touch()
+    legacy = tmp_path / f".run.tmp-{dead}-legacy"  # written before locks: a dead pid and old enough
+    legacy.mkdir()
+    os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+    young = tmp_path / f".run.tmp-{dead}-young"  # no lock yet, just created: left alone
+    young.mkdir()
     clean_stale(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".run.tmp-{os.getpid()}-live", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, young.name, "run"])
     assert (target / "pruning.json").read_text() == "{}"
+    held.close()
     with atomic_folder(tmp_path / "other") as tmp:
         assert tmp.name.startswith(f".other.tmp-{os.getpid()}-")
 
@@ -339,8 +384,7 @@ def test_sigterm_while_saving_leaves_nothing_behind(model_dir, text, tmp_path, m
 
 def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path, model_dir, text):
     base = PruneConfig(model=str(model_dir), calib=f"file:{text}", nsamples=4, seqlen=32)
-    sweep = Sweep(base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5],
-                  patterns=["unstructured"])
+    sweep = Sweep(base=base, metrics=["magnitude"], allocators=["uniform"], sparsities=[0.5], patterns=["unstructured"])
     with _locked(tmp_path / "s"):
         with pytest.raises(PrunewiseError, match=f"in use by another sweep \\(pid {os.getpid()}\\)"):
             run_sweep(sweep, tmp_path / "s", progress=False)

@@ -20,21 +20,31 @@ ray = pytest.importorskip("ray")  # in the [test] extra, so CI runs these
 def cluster(tmp_path_factory):
     fault = tmp_path_factory.mktemp("fault") / "died"
     fault.write_text("armed by deleting this file")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PRUNEWISE_FAULT_ONCE": str(fault)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PRUNEWISE_FAULT_ONCE": str(fault)}},
+    )
     yield fault
     ray.shutdown()
 
 
 @pytest.fixture
 def base(model_dir, text):
-    return pw.PruneConfig(model=str(model_dir), calib=f"file:{text}", nsamples=4, seqlen=32, eval_data=f"file:{text}",
-                          max_tokens=256)
+    return pw.PruneConfig(
+        model=str(model_dir), calib=f"file:{text}", nsamples=4, seqlen=32, eval_data=f"file:{text}", max_tokens=256
+    )
 
 
 def grid(base, sparsities=(0.5, 0.6)):
-    return Sweep(base=base, metrics=["magnitude", "wanda"], allocators=["uniform"], sparsities=list(sparsities),
-                 patterns=["unstructured"])
+    return Sweep(
+        base=base,
+        metrics=["magnitude", "wanda"],
+        allocators=["uniform"],
+        sparsities=list(sparsities),
+        patterns=["unstructured"],
+    )
 
 
 def by_key(folder):
@@ -87,7 +97,9 @@ def test_interrupted_sweeps_resume_without_losing_or_repeating(cluster, base, tm
 def test_atp_search_trials_in_parallel_choose_as_the_local_search(cluster, base, tmp_path):
     cfg = base.replace(metric="wanda", allocator="atp:step=0.05,heldout=3", sparsity=0.5, eval_data=None)
     local = pw.run(cfg, progress=False, dry_run=True, cache_dir=tmp_path).record.search
-    remote = pw.run(cfg, progress=False, dry_run=True, cache_dir=tmp_path, executor=Executor("ray", {"workers": 2})).record.search
+    remote = pw.run(
+        cfg, progress=False, dry_run=True, cache_dir=tmp_path, executor=Executor("ray", {"workers": 2})
+    ).record.search
     assert remote["chosen"] == local["chosen"] and len(remote["curve"]) == len(local["curve"]) > 2
     assert [c["ppl"] for c in remote["curve"]] == pytest.approx([c["ppl"] for c in local["curve"]], rel=1e-6)
 

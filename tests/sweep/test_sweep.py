@@ -23,15 +23,25 @@ def setup(tmp_path_factory, tokenizer):
     model.save_pretrained(d / "model")
     tokenizer.save_pretrained(d / "model")
     (d / "t.txt").write_text(make_text(3000), encoding="utf-8")
-    base = PruneConfig(model=str(d / "model"), calib=f"file:{d / 't.txt'}", nsamples=4, seqlen=32,
-                       eval_data=f"file:{d / 't.txt'}", max_tokens=256)
+    base = PruneConfig(
+        model=str(d / "model"),
+        calib=f"file:{d / 't.txt'}",
+        nsamples=4,
+        seqlen=32,
+        eval_data=f"file:{d / 't.txt'}",
+        max_tokens=256,
+    )
     return d, base
 
 
 def grid(base, **axes):
-    return Sweep(base=base, metrics=axes.get("metrics", ["wanda", "sparsegpt"]),
-                 allocators=axes.get("allocators", ["uniform", "owl", "alphapruning"]),
-                 sparsities=axes.get("sparsities", [0.5, 0.7]), patterns=axes.get("patterns", ["unstructured", "2:4"]))
+    return Sweep(
+        base=base,
+        metrics=axes.get("metrics", ["wanda", "sparsegpt"]),
+        allocators=axes.get("allocators", ["uniform", "owl", "alphapruning"]),
+        sparsities=axes.get("sparsities", [0.5, 0.7]),
+        patterns=axes.get("patterns", ["unstructured", "2:4"]),
+    )
 
 
 def test_expand_crosses_unstructured_runs_nm_once_and_skips_with_reason(setup):
@@ -40,8 +50,10 @@ def test_expand_crosses_unstructured_runs_nm_once_and_skips_with_reason(setup):
     # unstructured: 2 sparsities x 2 metrics x 3 allocators; 2:4: 2 metrics x (uniform, owl)
     assert len(runs) == 12 + 4
     assert sum(c.pattern == "2:4" for c in runs) == 4 and all(c.target == 0.5 for c in runs if c.pattern == "2:4")
-    assert [(c["metric"], c["allocator"]) for c, _ in skipped] == [("wanda", "alphapruning"),
-                                                                   ("sparsegpt", "alphapruning")]
+    assert [(c["metric"], c["allocator"]) for c, _ in skipped] == [
+        ("wanda", "alphapruning"),
+        ("sparsegpt", "alphapruning"),
+    ]
     assert all("needs an unstructured pattern" in r for _, r in skipped)
     keys = {run_key(c) for c in runs}
     assert len(keys) == len(runs)
@@ -55,8 +67,13 @@ def test_expand_crosses_unstructured_runs_nm_once_and_skips_with_reason(setup):
 
 def test_sweep_equals_single_runs_then_resumes(setup, tmp_path):
     d, base = setup
-    sweep = grid(base, metrics=["wanda", "sparsegpt", "gblm"], allocators=["uniform", "owl", "atp:beta=0.1"],
-                 sparsities=[0.6], patterns=["unstructured", "2:4"])
+    sweep = grid(
+        base,
+        metrics=["wanda", "sparsegpt", "gblm"],
+        allocators=["uniform", "owl", "atp:beta=0.1"],
+        sparsities=[0.6],
+        patterns=["unstructured", "2:4"],
+    )
     out = tmp_path / "s"
     summary = run_sweep(sweep, out, progress=False)
     runs, _ = sweep.expand()
@@ -84,14 +101,34 @@ def test_sweep_equals_single_runs_then_resumes(setup, tmp_path):
     final = read_results(out)
     assert {r["key"] for r in final if r["kind"] == "run"} == {run_key(c) for c in runs}
     assert {r["key"]: r["pruning"]["mask_sha256"] for r in final[-2:]} == {
-        r["key"]: r["pruning"]["mask_sha256"] for r in rows[-2:]}
+        r["key"]: r["pruning"]["mask_sha256"] for r in rows[-2:]
+    }
 
 
 def test_failed_run_is_recorded_and_sweep_goes_on(setup, tmp_path, capsys):
     d, base = setup
-    argv = ["sweep", "--model", base.model, "--calib", base.calib, "--nsamples", "4", "--seqlen", "32",
-            "--metric", "magnitude", "--allocator", "uniform", "atp:beta=0.3", "--sparsity", "0.5", "0.8",
-            "--out", str(tmp_path / "f"), "-q"]
+    argv = [
+        "sweep",
+        "--model",
+        base.model,
+        "--calib",
+        base.calib,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--metric",
+        "magnitude",
+        "--allocator",
+        "uniform",
+        "atp:beta=0.3",
+        "--sparsity",
+        "0.5",
+        "0.8",
+        "--out",
+        str(tmp_path / "f"),
+        "-q",
+    ]
     assert main(argv) == 1  # one failure -> exit 1
     printed = capsys.readouterr().out
     assert "3 runs finished, 1 failed" in printed
@@ -109,17 +146,38 @@ def test_failed_run_is_recorded_and_sweep_goes_on(setup, tmp_path, capsys):
 def test_toml_with_overrides_dry_run_and_save(setup, tmp_path, capsys):
     d, base = setup
     toml = tmp_path / "grid.toml"
-    toml.write_text(f'model = "{base.model}"\ncalib = "{base.calib}"\nnsamples = 4\nseqlen = 32\n'
-                    'metric = ["magnitude", "wanda"]\nallocator = "uniform"\nsparsity = [0.3, 0.6]\n'
-                    'pattern = ["unstructured", "4:8"]\neval_tokens = 128\n', encoding="utf-8")
+    toml.write_text(
+        f'model = "{base.model}"\ncalib = "{base.calib}"\nnsamples = 4\nseqlen = 32\n'
+        'metric = ["magnitude", "wanda"]\nallocator = "uniform"\nsparsity = [0.3, 0.6]\n'
+        'pattern = ["unstructured", "4:8"]\neval_tokens = 128\n',
+        encoding="utf-8",
+    )
     sweep = Sweep.from_toml(toml, {"metric": ["wanda"]})
     assert sweep.metrics == ["wanda"] and sweep.sparsities == [0.3, 0.6] and sweep.base.max_tokens == 128
     out = tmp_path / "t"
     assert main(["sweep", "--config", str(toml), "--metric", "wanda", "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "3 runs, 0 already in" in printed and printed.count("to do") == 3 and not out.exists()
-    assert main(["sweep", "--config", str(toml), "--metric", "wanda", "--sparsity", "0.6", "--pattern",
-                 "unstructured", "--out", str(out), "--save", "-q"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--config",
+                str(toml),
+                "--metric",
+                "wanda",
+                "--sparsity",
+                "0.6",
+                "--pattern",
+                "unstructured",
+                "--out",
+                str(out),
+                "--save",
+                "-q",
+            ]
+        )
+        == 0
+    )
     row = read_results(out)[-1]
     saved = json.loads((out / "runs" / row["saved"].split("/")[-1] / "pruning.json").read_text())
     assert saved["pruning"]["mask_sha256"] == row["pruning"]["mask_sha256"]
@@ -131,23 +189,51 @@ def test_toml_with_overrides_dry_run_and_save(setup, tmp_path, capsys):
 
 
 def _line(metric, allocator, target, ppl, pattern="unstructured", blocks=(0.5, 0.5), zs=None, status="ok"):
-    return {"key": f"{metric}{allocator}{target}{pattern}", "kind": "run", "status": status, "target": target,
-            "config": {"metric": metric, "allocator": allocator, "pattern": pattern, "sparsity": target,
-                       "model": "m", "nsamples": 4, "seqlen": 32, "calib": "wiki", "seed": 0, "mode": "two-pass"},
-            "sparsity": target, "ppl": {"ppl": ppl} if ppl else None, "allocation": {"blocks": list(blocks)},
-            "zero_shot": zs, "error": None if status == "ok" else "ValueError: boom", "wall_s": 1.0}
+    return {
+        "key": f"{metric}{allocator}{target}{pattern}",
+        "kind": "run",
+        "status": status,
+        "target": target,
+        "config": {
+            "metric": metric,
+            "allocator": allocator,
+            "pattern": pattern,
+            "sparsity": target,
+            "model": "m",
+            "nsamples": 4,
+            "seqlen": 32,
+            "calib": "wiki",
+            "seed": 0,
+            "mode": "two-pass",
+        },
+        "sparsity": target,
+        "ppl": {"ppl": ppl} if ppl else None,
+        "allocation": {"blocks": list(blocks)},
+        "zero_shot": zs,
+        "error": None if status == "ok" else "ValueError: boom",
+        "wall_s": 1.0,
+    }
 
 
 def test_report_tables_comparisons_plots(tmp_path):
     zs = {"tasks": {"boolq": {"acc": 0.6}, "rte": {"acc": 0.5, "acc_norm": 0.55}}, "average": {"acc": 0.55}}
     lines = [
-        {"key": "d", "kind": "dense", "status": "ok", "ppl": {"ppl": 10.0, "data": "wiki", "split": "test",
-                                                              "windows": 4, "seqlen": 32, "tokens": 128}},
-        _line("magnitude", "uniform", 0.5, 300.0), _line("magnitude", "uniform", 0.7, 9000.0),
-        _line("wanda", "uniform", 0.5, 30.0, zs=zs), _line("wanda", "uniform", 0.7, 600.0),
-        _line("wanda", "owl", 0.5, 31.0), _line("wanda", "owl", 0.7, 500.0, blocks=(0.6, 0.8)),
-        _line("wanda", "atp:beta=auto", 0.7, 600.0), _line("wanda", "uniform", 0.5, None, pattern="2:4"),
-        _line("wanda", "owl", 0.5, 80.0, pattern="2:4"), _line("wanda", "uniform", 0.5, 90.0, pattern="2:4"),
+        {
+            "key": "d",
+            "kind": "dense",
+            "status": "ok",
+            "ppl": {"ppl": 10.0, "data": "wiki", "split": "test", "windows": 4, "seqlen": 32, "tokens": 128},
+        },
+        _line("magnitude", "uniform", 0.5, 300.0),
+        _line("magnitude", "uniform", 0.7, 9000.0),
+        _line("wanda", "uniform", 0.5, 30.0, zs=zs),
+        _line("wanda", "uniform", 0.7, 600.0),
+        _line("wanda", "owl", 0.5, 31.0),
+        _line("wanda", "owl", 0.7, 500.0, blocks=(0.6, 0.8)),
+        _line("wanda", "atp:beta=auto", 0.7, 600.0),
+        _line("wanda", "uniform", 0.5, None, pattern="2:4"),
+        _line("wanda", "owl", 0.5, 80.0, pattern="2:4"),
+        _line("wanda", "uniform", 0.5, 90.0, pattern="2:4"),
         _line("gblm", "uniform", 0.7, None, status="failed"),
     ]
     (tmp_path / RESULTS).write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
@@ -160,12 +246,18 @@ def test_report_tables_comparisons_plots(tmp_path):
     assert "| wanda | uniform | **30.000** | 600.00 | 90.000 |" in table  # 2:4 retried line supersedes
     claims = comparisons(rows)
     assert "- **owl beats uniform** at 70% and above and with N:M: 2 of 2." in claims
-    assert ("- **atp:beta=auto beats uniform** at 70% and above and with N:M: 0 of 1; "
-            "equal in: wanda 70% (600.00 vs 600.00).") in claims
+    assert (
+        "- **atp:beta=auto beats uniform** at 70% and above and with N:M: 0 of 1; "
+        "equal in: wanda 70% (600.00 vs 600.00)."
+    ) in claims
     assert "- **wanda beats magnitude** (uniform allocation): 2 of 2." in claims
     path = write_report(tmp_path)
     md = path.read_text()
-    assert "dense **10.000**" in md and "## Zero-shot accuracy (%)" in md and "| wanda | uniform | unstructured | 0.5 | 60.00 | 50.00 | 55.00 | - |" in md
+    assert (
+        "dense **10.000**" in md
+        and "## Zero-shot accuracy (%)" in md
+        and "| wanda | uniform | unstructured | 0.5 | 60.00 | 50.00 | 55.00 | - |" in md
+    )
     assert "- gblm / uniform / unstructured 0.7: `ValueError: boom`" in md
     for png in ("ppl_magnitude.png", "ppl_wanda.png", "profile_owl.png"):
         assert f"({png})" in md
@@ -211,8 +303,13 @@ def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp
     """ATP's beta search and MRP's dynamic rounds prune trial models inside a sweep and restore
     the dense weights from the sweep's own copy: the rows equal the same runs done alone."""
     _, base = setup
-    sweep = grid(base, metrics=["wanda"], allocators=["atp:beta=auto,step=0.05", "mrp:stats=dynamic"],
-                 sparsities=[0.6], patterns=["unstructured"])
+    sweep = grid(
+        base,
+        metrics=["wanda"],
+        allocators=["atp:beta=auto,step=0.05", "mrp:stats=dynamic"],
+        sparsities=[0.6],
+        patterns=["unstructured"],
+    )
     run_sweep(sweep, tmp_path / "s", progress=False)
     rows = {r["key"]: r for r in read_results(tmp_path / "s")}
     for config in sweep.expand()[0]:
@@ -226,8 +323,16 @@ def test_searching_allocators_in_a_sweep_restore_from_the_sweeps_copy(setup, tmp
 def test_identical_plot_series_are_drawn_once_with_every_name():
     from prunewise.report.plots import merge_identical
 
-    series = [("wanda", [0, 1], [0.5, 0.7]), ("magnitude", [0, 1], [0.6, 0.6]),
-              ("sparsegpt", [0, 1], [0.5, 0.7 * (1 + 1e-9)]), ("gblm", [0, 1], [0.5, 0.7]), ("x", [0], [0.5])]
-    assert merge_identical(series) == [("wanda = sparsegpt = gblm", [0, 1], [0.5, 0.7]),
-                                       ("magnitude", [0, 1], [0.6, 0.6]), ("x", [0], [0.5])]
+    series = [
+        ("wanda", [0, 1], [0.5, 0.7]),
+        ("magnitude", [0, 1], [0.6, 0.6]),
+        ("sparsegpt", [0, 1], [0.5, 0.7 * (1 + 1e-9)]),
+        ("gblm", [0, 1], [0.5, 0.7]),
+        ("x", [0], [0.5]),
+    ]
+    assert merge_identical(series) == [
+        ("wanda = sparsegpt = gblm", [0, 1], [0.5, 0.7]),
+        ("magnitude", [0, 1], [0.6, 0.6]),
+        ("x", [0], [0.5]),
+    ]
     assert len(merge_identical(series, rel=0.0)) == 4  # sparsegpt differs by 1e-9 when nothing is tolerated

@@ -39,7 +39,8 @@ def layer_alphas(profile: Profile, fit: str, faithful_log10: bool) -> dict[str, 
 
 
 @ALLOCATORS.register(
-    "alphapruning", rank=2,
+    "alphapruning",
+    rank=2,
     summary="higher sparsity for layers whose eigenvalue spectrum is less heavy-tailed (larger alpha)",
     paper="Lu et al., AlphaPruning, NeurIPS 2024, arXiv 2410.10912",
     needs=("eigenvalues",),
@@ -56,8 +57,9 @@ def allocate(
     faithful_log10: bool = False,
     max_sparsity: float = 0.99,
 ) -> dict[str, float]:
-    ALLOCATORS.get("alphapruning").check({"epsilon": epsilon, "fit": fit, "granularity": granularity,
-                                          "max_sparsity": max_sparsity})
+    ALLOCATORS.get("alphapruning").check(
+        {"epsilon": epsilon, "fit": fit, "granularity": granularity, "max_sparsity": max_sparsity}
+    )
     alphas = layer_alphas(profile, fit, faithful_log10)
     if granularity == "block":
         per_block: dict[int, list[float]] = {}
@@ -68,8 +70,9 @@ def allocate(
     return map_alphas(alphas, profile, sparsity, epsilon, max_sparsity)
 
 
-def map_alphas(alphas: dict[str, float], profile: Profile, sparsity: float, epsilon: float,
-               max_sparsity: float = 0.99) -> dict[str, float]:
+def map_alphas(
+    alphas: dict[str, float], profile: Profile, sparsity: float, epsilon: float, max_sparsity: float = 0.99
+) -> dict[str, float]:
     """The reference's linear map of exponents to ratios, rescaled to the parameter budget."""
     lo, hi = min(alphas.values()), max(alphas.values())
     if hi - lo < 1e-12 or epsilon == 0.0:

@@ -87,8 +87,16 @@ def progression(profile: Profile, sparsity: float, beta: float) -> list[float]:
     return [min(max(first + beta * i, 0.0), 1.0) for i in range(profile.num_blocks)]
 
 
-def search(profile: Profile, sparsity: float, trials, *, progress: bool = True, beta: float | str = "auto",
-           step: float = 0.002, heldout: int = 16) -> tuple[dict[str, float], dict]:
+def search(
+    profile: Profile,
+    sparsity: float,
+    trials,
+    *,
+    progress: bool = True,
+    beta: float | str = "auto",
+    step: float = 0.002,
+    heldout: int = 16,
+) -> tuple[dict[str, float], dict]:
     """Grid-search ``beta`` by perplexity on held-out calibration windows (``beta=auto``).
 
     Every candidate prunes the model exactly as the run will; the candidate ``0`` (uniform) is
@@ -104,8 +112,12 @@ def search(profile: Profile, sparsity: float, trials, *, progress: bool = True, 
     best = min(curve, key=lambda c: (c["ppl"], c["beta"]))
     log.info("atp: beta=%g chosen (held-out ppl %.3f over %d trials)", best["beta"], best["ppl"], len(curve))
     record = {
-        "parameter": "beta", "chosen": best["beta"], "criterion": "perplexity on held-out calibration windows",
-        "heldout": trials.heldout(heldout), "curve": curve, "wall_s": time.perf_counter() - start,
+        "parameter": "beta",
+        "chosen": best["beta"],
+        "criterion": "perplexity on held-out calibration windows",
+        "heldout": trials.heldout(heldout),
+        "curve": curve,
+        "wall_s": time.perf_counter() - start,
     }
     return allocate(profile, sparsity, beta=best["beta"], step=step, heldout=heldout), {"search": record}
 
@@ -119,12 +131,16 @@ def _search_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     n = 1 + len(beta_grid(ctx.profile, sparsity, params["step"]))
     each = prune_cost(ctx, rates, mode) + rates.passes(params["heldout"])
     top, _ = beta_range(ctx.profile, sparsity)
-    return Work(f"atp search: {n} trial prunings with {ctx.metric.name}, each scored on {params['heldout']} "
-                "held-out windows", n * each, f"atp:beta=NUMBER skips the search (valid here: 0 to {top:.4f})")
+    return Work(
+        f"atp search: {n} trial prunings with {ctx.metric.name}, each scored on {params['heldout']} held-out windows",
+        n * each,
+        f"atp:beta=NUMBER skips the search (valid here: 0 to {top:.4f})",
+    )
 
 
 @ALLOCATORS.register(
-    "atp", rank=3,
+    "atp",
+    rank=3,
     summary="sparsity rising with depth as an arithmetic progression (beta searched on held-out calibration text)",
     paper="Huang et al., ATP, ICML 2025, arXiv 2502.14770",
     needs=(),
@@ -133,8 +149,9 @@ def _search_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     driver_cost=_search_cost,
     ranges={"beta": Range(ge=0), "step": Range(gt=0), "heldout": Range(ge=1)},
 )
-def allocate(profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002,
-             heldout: int = 16) -> dict[str, float]:
+def allocate(
+    profile: Profile, sparsity: float, *, beta: float | str = "auto", step: float = 0.002, heldout: int = 16
+) -> dict[str, float]:
     if heldout < 1:
         raise ConfigError(f"atp: heldout must be >= 1 window, got {heldout}")
     if isinstance(beta, str) and beta != "auto":

@@ -89,8 +89,10 @@ def calibration_pass(ctx: StatContext, rates: Rates, what: str, factor: float = 
     n, seqlen = ctx.calib.shape
     work = Work(f"{what}: {n} x {seqlen} tokens through {len(ctx.source)} blocks", rates.passes(n, factor))
     if n > 16:
-        work.cheaper = (f"--nsamples 16 takes about {duration(rates.passes(16, factor))} "
-                        "(statistics from fewer samples: a different, noisier allocation)")
+        work.cheaper = (
+            f"--nsamples 16 takes about {duration(rates.passes(16, factor))} "
+            "(statistics from fewer samples: a different, noisier allocation)"
+        )
     return work
 
 
@@ -99,5 +101,3 @@ def prune_cost(ctx: StatContext, rates: Rates, mode: str) -> float:
     if not ctx.metric.needs:
         return 0.0
     return rates.passes(ctx.calib.shape[0], 1.0 if mode == "single-pass" else 2.0)
-
-

@@ -104,11 +104,20 @@ class _Summary:
         return 1.0 - (self.n - max(j, cut)) / remaining
 
 
-def redundancies(profile: Profile, allocation: dict[str, float], *, m: float = 5.0, kind: str = "wanda",
-                 granularity: str = "block", threshold: str = "dense") -> list[float]:
+def redundancies(
+    profile: Profile,
+    allocation: dict[str, float],
+    *,
+    m: float = 5.0,
+    kind: str = "wanda",
+    granularity: str = "block",
+    threshold: str = "dense",
+) -> list[float]:
     """Per-unit redundancy of ``allocation`` under the static scores (what MRP equalises)."""
-    return [_summary(profile, names, kind, m, threshold).redundancy(allocation[names[0]])
-            for names, _ in _units(profile, granularity)]
+    return [
+        _summary(profile, names, kind, m, threshold).redundancy(allocation[names[0]])
+        for names, _ in _units(profile, granularity)
+    ]
 
 
 def _summary(profile: Profile, names: list[str], kind: str, m: float, threshold: str) -> _Summary:
@@ -131,13 +140,35 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
     return ("weights", "dense_input_norm") if kind == "wanda" else ("weights",)
 
 
-def validate(profile: Profile, sparsity: float, *, m: float, step: float, start: float | str, threshold: str,
-             stats: str, rounds: int, max_sparsity: float, score: str = "auto", granularity: str = "block",
-             **_: object) -> float:
+def validate(
+    profile: Profile,
+    sparsity: float,
+    *,
+    m: float,
+    step: float,
+    start: float | str,
+    threshold: str,
+    stats: str,
+    rounds: int,
+    max_sparsity: float,
+    score: str = "auto",
+    granularity: str = "block",
+    **_: object,
+) -> float:
     """Check the hyper-parameters (those that depend on the target here, the rest by the registry's
     rules); return the starting sparsity."""
-    ALLOCATORS.get("mrp").check({"m": m, "step": step, "threshold": threshold, "stats": stats, "rounds": rounds,
-                                 "max_sparsity": max_sparsity, "score": score, "granularity": granularity})
+    ALLOCATORS.get("mrp").check(
+        {
+            "m": m,
+            "step": step,
+            "threshold": threshold,
+            "stats": stats,
+            "rounds": rounds,
+            "max_sparsity": max_sparsity,
+            "score": score,
+            "granularity": granularity,
+        }
+    )
     if start == "auto":
         start = max(sparsity - 0.1, 0.0)
     if isinstance(start, str) or not 0 <= start <= sparsity:
@@ -147,13 +178,36 @@ def validate(profile: Profile, sparsity: float, *, m: float, step: float, start:
     return float(start)
 
 
-def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, m: float = 5.0, step: float = 0.01,
-         start: float | str = "auto", threshold: str = "dense", score: str = "auto", granularity: str = "block",
-         max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
+def fill(
+    profile: Profile,
+    sparsity: float,
+    levels: dict[str, float] | None,
+    *,
+    m: float = 5.0,
+    step: float = 0.01,
+    start: float | str = "auto",
+    threshold: str = "dense",
+    score: str = "auto",
+    granularity: str = "block",
+    max_sparsity: float = 0.99,
+    stats: str = "static",
+    rounds: int = 4,
+) -> dict[str, float]:
     """The greedy loop from ``levels`` (per layer; ``None``: every unit at ``start``) up to ``sparsity``,
     with the scores in ``profile`` (dense, or those of the current sparse model)."""
-    first = validate(profile, sparsity, m=m, step=step, start=start, threshold=threshold, stats=stats, rounds=rounds,
-                     max_sparsity=max_sparsity, score=score, granularity=granularity)
+    first = validate(
+        profile,
+        sparsity,
+        m=m,
+        step=step,
+        start=start,
+        threshold=threshold,
+        stats=stats,
+        rounds=rounds,
+        max_sparsity=max_sparsity,
+        score=score,
+        granularity=granularity,
+    )
     kind = score_kind(score, profile.metric)
     units = _units(profile, granularity)
     summaries = [_summary(profile, names, kind, m, threshold) for names, _ in units]
@@ -174,7 +228,9 @@ def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, *, 
     return {x: level[u] for u, (names, _) in enumerate(units) for x in names}
 
 
-def dynamic(profile: Profile, sparsity: float, trials, *, progress: bool = True, **params) -> tuple[dict[str, float], dict]:
+def dynamic(
+    profile: Profile, sparsity: float, trials, *, progress: bool = True, **params
+) -> tuple[dict[str, float], dict]:
     """``stats=dynamic``: the budget is placed in ``rounds`` equal parts; after each part but the
     last, the model is pruned with the allocation so far (the run's metric) and the scores are
     re-measured on that sparse model."""
@@ -202,12 +258,16 @@ def _dynamic_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     """What :func:`dynamic` will do, for a dry run's preview (:mod:`prunewise.allocation.cost`)."""
     n = params["rounds"] - 1
     remeasure = rates.passes(ctx.calib.shape[0]) if "dense_input_norm" in _needs(params, ctx.metric.name) else 0.0
-    return Work(f"mrp rounds: {n} trial prunings with {ctx.metric.name}, statistics re-measured after each",
-                n * (prune_cost(ctx, rates, mode) + remeasure), "mrp:stats=static measures once, on the dense model")
+    return Work(
+        f"mrp rounds: {n} trial prunings with {ctx.metric.name}, statistics re-measured after each",
+        n * (prune_cost(ctx, rates, mode) + remeasure),
+        "mrp:stats=static measures once, on the dense model",
+    )
 
 
 @ALLOCATORS.register(
-    "mrp", rank=4,
+    "mrp",
+    rank=4,
     summary="iteratively prune the most redundant block (highest non-outlier ratio) until redundancy is uniform",
     paper="Gao et al., MRP, arXiv 2503.18377 (reconstruction: no public code)",
     needs=("weights", "dense_input_norm"),
@@ -217,11 +277,36 @@ def _dynamic_cost(ctx, rates, sparsity: float, params: dict, mode: str):
     driver_for=_driver_for,
     driver_cost=_dynamic_cost,
 )
-def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, step: float = 0.01, start: float | str = "auto",
-             threshold: str = "dense", score: str = "auto", granularity: str = "block",
-             max_sparsity: float = 0.99, stats: str = "static", rounds: int = 4) -> dict[str, float]:
+def allocate(
+    profile: Profile,
+    sparsity: float,
+    *,
+    m: float = 5.0,
+    step: float = 0.01,
+    start: float | str = "auto",
+    threshold: str = "dense",
+    score: str = "auto",
+    granularity: str = "block",
+    max_sparsity: float = 0.99,
+    stats: str = "static",
+    rounds: int = 4,
+) -> dict[str, float]:
     if stats == "dynamic":
-        raise ConfigError("mrp: stats=dynamic prunes and re-measures the model between rounds (its driver, "
-                          "mrp.dynamic); run it through prunewise.plan / prunewise.run / `prunewise prune`")
-    return fill(profile, sparsity, None, m=m, step=step, start=start, threshold=threshold, score=score,
-                granularity=granularity, max_sparsity=max_sparsity, stats=stats, rounds=rounds)
+        raise ConfigError(
+            "mrp: stats=dynamic prunes and re-measures the model between rounds (its driver, "
+            "mrp.dynamic); run it through prunewise.plan / prunewise.run / `prunewise prune`"
+        )
+    return fill(
+        profile,
+        sparsity,
+        None,
+        m=m,
+        step=step,
+        start=start,
+        threshold=threshold,
+        score=score,
+        granularity=granularity,
+        max_sparsity=max_sparsity,
+        stats=stats,
+        rounds=rounds,
+    )

@@ -49,8 +49,9 @@ def outlier_ratios(profile: Profile, m: float) -> list[float]:
     return ratios
 
 
-def map_ratios(ratios: list[float], profile: Profile, sparsity: float, lam: float,
-               max_sparsity: float = 0.99) -> list[float]:
+def map_ratios(
+    ratios: list[float], profile: Profile, sparsity: float, lam: float, max_sparsity: float = 0.99
+) -> list[float]:
     """OWL's map of outlier ratios to per-block sparsities (parameter-weighted mean = ``sparsity``)."""
     lo, hi = min(ratios), max(ratios)
     if hi - lo < 1e-12 or lam == 0.0:
@@ -63,15 +64,17 @@ def map_ratios(ratios: list[float], profile: Profile, sparsity: float, lam: floa
 
 
 @ALLOCATORS.register(
-    "owl", rank=1,
+    "owl",
+    rank=1,
     summary="lower sparsity for blocks with more outlier Wanda scores (dense calibration pass)",
     paper="Yin et al., OWL, ICML 2024, arXiv 2310.05175",
     needs=("weights", "dense_input_norm"),
     nm=True,
     ranges={"m": Range(gt=0), "lam": Range(ge=0, le=0.5), "max_sparsity": Range(gt=0, le=1)},
 )
-def allocate(profile: Profile, sparsity: float, *, m: float = 5.0, lam: float = 0.08,
-             max_sparsity: float = 0.99) -> dict[str, float]:
+def allocate(
+    profile: Profile, sparsity: float, *, m: float = 5.0, lam: float = 0.08, max_sparsity: float = 0.99
+) -> dict[str, float]:
     ALLOCATORS.get("owl").check({"m": m, "lam": lam, "max_sparsity": max_sparsity})
     values = map_ratios(outlier_ratios(profile, m), profile, sparsity, lam, max_sparsity)
     if profile.pattern.is_nm:

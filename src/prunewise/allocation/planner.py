@@ -95,8 +95,9 @@ def allocate(name: str, params: dict[str, Any], profile: Profile, sparsity: floa
     return result
 
 
-def make_plan(ctx: StatContext, name: str, params: dict[str, Any], sparsity: float,
-              trials: Trials | None = None) -> Plan:
+def make_plan(
+    ctx: StatContext, name: str, params: dict[str, Any], sparsity: float, trials: Trials | None = None
+) -> Plan:
     """Fill ``ctx.profile`` with the allocator's statistics and allocate (through its driver if it has one)."""
     start = time.perf_counter()
     profile = ctx.profile
@@ -105,8 +106,10 @@ def make_plan(ctx: StatContext, name: str, params: dict[str, Any], sparsity: flo
     if driver is None:
         return Plan(profile, allocate(name, params, profile, sparsity), {}, time.perf_counter() - start)
     if trials is None:
-        raise ValueError(f"allocator '{name}' with these settings prunes trial models; run it through "
-                         "prunewise.plan / prunewise.run / `prunewise prune`")
+        raise ValueError(
+            f"allocator '{name}' with these settings prunes trial models; run it through "
+            "prunewise.plan / prunewise.run / `prunewise prune`"
+        )
     try:
         allocation, details = driver(profile, sparsity, trials, progress=ctx.progress, **params)
     finally:

@@ -64,8 +64,9 @@ def layer_scores(profile: Profile, name: str, kind: str) -> torch.Tensor:
     return magnitude.scores(w).reshape(-1)
 
 
-def block_clamp(values: list[float], profile: Profile, target: float, low: float = 0.0,
-                high: float = 0.99) -> list[float]:
+def block_clamp(
+    values: list[float], profile: Profile, target: float, low: float = 0.0, high: float = 0.99
+) -> list[float]:
     """:func:`clamp_to_budget` at block granularity: one value per block, parameter-weighted."""
     blocks = Profile([LayerInfo(str(b), b, n, (1, n)) for b, n in enumerate(profile.block_sizes())])
     out = clamp_to_budget({str(b): v for b, v in enumerate(values)}, blocks, target, low, high)
@@ -90,7 +91,7 @@ def mixed_nm(values: list[float], profile: Profile, name: str) -> list[float]:
     step = 1 if short > 0 else -1
     while short:
         moved = False
-        for b in (order if step > 0 else reversed(order)):
+        for b in order if step > 0 else reversed(order):
             if short and 0 <= counts[b] + step <= m - 1:
                 counts[b] += step
                 short -= step
@@ -105,8 +106,9 @@ def weighted_mean(profile: Profile, allocation: dict[str, float]) -> float:
     return sum(allocation[layer.name] * layer.numel for layer in profile.layers) / total
 
 
-def clamp_to_budget(values: dict[str, float], profile: Profile, target: float,
-                    low: float = 0.0, high: float = 0.99) -> dict[str, float]:
+def clamp_to_budget(
+    values: dict[str, float], profile: Profile, target: float, low: float = 0.0, high: float = 0.99
+) -> dict[str, float]:
     """Clamp ``values`` to ``[low, high]`` and rescale the unclamped ones so that the
     parameter-weighted mean stays ``target`` (the mass cut by clamping is redistributed).
 
@@ -167,4 +169,3 @@ def check_allocation(name: str, profile: Profile, allocation: dict[str, float], 
         raise PrunewiseError(
             f"allocator '{name}' gave a parameter-weighted mean sparsity of {mean:.8f}, target {target:.8f}"
         )
-

@@ -4,12 +4,13 @@ A provider is registered by need name in :data:`STATISTICS` and is
 ``provide(ctx: StatContext) -> {linear name: value}``. Expensive ones are cached on disk by content
 (:mod:`prunewise.storage.cache`), never by a path:
 
-| need | what | cached under ``<cache>/`` |
-|---|---|---|
-| ``eigenvalues`` | ascending eigenvalues of ``W^T W`` per matrix (float64 SVD; AlphaPruning) | ``spectra/<sha256 of the weight>`` |
-| ``weights`` | the model's own weight tensors ``[C_out, C_in]`` (read only; OWL, MRP) | — |
-| ``dense_input_norm`` | Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP) | ``dense_input_norm/<sha256 of all parameters, calibration ids, blocks path>`` |
-| ``grad`` | GBLM's accumulated gradient norm per weight, with the metric's options | ``gradients/<sha256 ...>`` (see :mod:`prunewise.prune.gradients`) |
+- ``eigenvalues``: ascending eigenvalues of ``W^T W`` per matrix (float64 SVD; AlphaPruning),
+  cached under ``spectra/<sha256 of the weight>``;
+- ``weights``: the model's own weight tensors ``[C_out, C_in]`` (read only; OWL, MRP), not cached;
+- ``dense_input_norm``: Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP),
+  cached under ``dense_input_norm/<sha256 of all parameters, calibration ids, blocks path>``;
+- ``grad``: GBLM's accumulated gradient norm per weight, with the metric's options, cached under
+  ``gradients/<sha256 ...>`` (see :mod:`prunewise.prune.gradients`).
 
 A new statistic is one function here (``calibration=True`` when it reads calibration data;
 ``cost=fn(ctx, rates) -> Work | None``, what a dry run announces before computing it, see
@@ -88,7 +89,9 @@ def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
     out = {}
     for need in needs:
         if need not in STATISTICS:
-            raise PrunewiseError(f"'{need}' is not a statistic prunewise can compute (known: {', '.join(STATISTICS.names())})")
+            raise PrunewiseError(
+                f"'{need}' is not a statistic prunewise can compute (known: {', '.join(STATISTICS.names())})"
+            )
         out[need] = STATISTICS.get(need).fn(ctx)
     return out
 
@@ -118,12 +121,17 @@ def _spectra_cost(ctx: StatContext, rates: Rates) -> Work:
         if not entry(ctx.cache_dir, "spectra", fingerprint(ctx.source.weight(x.name))).is_file():
             todo.append(x.shape)
     flops = sum(s[0] * s[1] * min(s) for s in todo)
-    return Work(f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 SVD, {len(todo)} not cached)",
-                flops * rates.svd_flop_s if todo else None)
+    return Work(
+        f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 SVD, {len(todo)} not cached)",
+        flops * rates.svd_flop_s if todo else None,
+    )
 
 
-@STATISTICS.register("eigenvalues", summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight",
-                     cost=_spectra_cost)
+@STATISTICS.register(
+    "eigenvalues",
+    summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight",
+    cost=_spectra_cost,
+)
 def eigenvalues(ctx: StatContext) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer in tqdm(ctx.profile.layers, desc="spectra", unit="matrix", disable=not ctx.progress):
@@ -148,11 +156,19 @@ def _dense_cost(ctx: StatContext, rates: Rates) -> Work:
     return calibration_pass(ctx, rates, what)
 
 
-@STATISTICS.register("dense_input_norm", summary="Wanda's a_j per layer from a dense calibration pass, cached by content",
-                     calibration=True, cost=_dense_cost)
+@STATISTICS.register(
+    "dense_input_norm",
+    summary="Wanda's a_j per layer from a dense calibration pass, cached by content",
+    calibration=True,
+    cost=_dense_cost,
+)
 def dense_norms(ctx: StatContext) -> dict[str, torch.Tensor]:
-    return cached(ctx.cache_dir, "dense_input_norm", _dense_key(ctx),
-                  lambda: dense_input_norms(ctx.source, ctx.calib, batch_size=ctx.batch_size, progress=ctx.progress))
+    return cached(
+        ctx.cache_dir,
+        "dense_input_norm",
+        _dense_key(ctx),
+        lambda: dense_input_norms(ctx.source, ctx.calib, batch_size=ctx.batch_size, progress=ctx.progress),
+    )
 
 
 def _grad_cost(ctx: StatContext, rates: Rates) -> Work:
@@ -164,17 +180,30 @@ def _grad_cost(ctx: StatContext, rates: Rates) -> Work:
     return calibration_pass(ctx, rates, what, factor=3.0)
 
 
-@STATISTICS.register("grad", summary="GBLM's accumulated per-sample gradient norm per weight, cached by content",
-                     calibration=True, cost=_grad_cost)
+@STATISTICS.register(
+    "grad",
+    summary="GBLM's accumulated per-sample gradient norm per weight, cached by content",
+    calibration=True,
+    cost=_grad_cost,
+)
 def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     options = ctx.metric.grad_options(ctx.metric_params)
-    return layer_gradients(ctx.model, ctx.need_calib("grad"), model_key=ctx.fingerprint(), device=str(ctx.source.device),
-                           blocks_path=ctx.source.path, cache_dir=ctx.cache_dir, progress=ctx.progress, **options)
+    return layer_gradients(
+        ctx.model,
+        ctx.need_calib("grad"),
+        model_key=ctx.fingerprint(),
+        device=str(ctx.source.device),
+        blocks_path=ctx.source.path,
+        cache_dir=ctx.cache_dir,
+        progress=ctx.progress,
+        **options,
+    )
 
 
 @torch.no_grad()
-def dense_input_norms(source: BlockSource, calib: torch.Tensor, *, batch_size: int = 1,
-                      progress: bool = True) -> dict[str, torch.Tensor]:
+def dense_input_norms(
+    source: BlockSource, calib: torch.Tensor, *, batch_size: int = 1, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Wanda's ``a_j`` of every linear layer of the *dense* model, propagated densely: one
     calibration pass and no pruning (``{linear name: float32 [C_in]}``)."""
     norms: dict[str, torch.Tensor] = {}
@@ -187,8 +216,11 @@ def dense_input_norms(source: BlockSource, calib: torch.Tensor, *, batch_size: i
             if st.ntokens == 0:
                 if not isinstance(module, ExpertLinear):
                     raise RuntimeError(f"{name} received no calibration input")
-                log.warning("%s: no calibration token was routed to this expert; its input norms are taken "
-                            "as ones (magnitude scores)", name)
+                log.warning(
+                    "%s: no calibration token was routed to this expert; its input norms are taken "
+                    "as ones (magnitude scores)",
+                    name,
+                )
                 norms[name] = torch.ones(st.in_features)
                 continue
             norms[name] = st.input_norm().cpu()

@@ -10,7 +10,8 @@ from ..registry import ALLOCATORS
 from .profile import Profile
 
 
-@ALLOCATORS.register("uniform", rank=0, summary="the same sparsity for every layer", paper="baseline", needs=(), nm=True,
-                     baseline=True)
+@ALLOCATORS.register(
+    "uniform", rank=0, summary="the same sparsity for every layer", paper="baseline", needs=(), nm=True, baseline=True
+)
 def allocate(profile: Profile, sparsity: float) -> dict[str, float]:
     return {layer.name: float(sparsity) for layer in profile.layers}

@@ -79,18 +79,16 @@ def perplexity(
         per = len(batches) if room is None else int(min(len(batches), max(1, room // 4 // per_batch)))
     losses = []
     for k in range(0, len(batches), per):
-        part = Inputs(inputs.hidden[k:k + per], [calls[k:k + per] for calls in inputs.calls], inputs.as_tuple)
-        inputs.hidden[k:k + per] = [None] * len(part.hidden)  # the walk frees them after block 0
+        part = Inputs(inputs.hidden[k : k + per], [calls[k : k + per] for calls in inputs.calls], inputs.as_tuple)
+        inputs.hidden[k : k + per] = [None] * len(part.hidden)  # the walk frees them after block 0
         hidden = source.walk(replay_step, part, desc="perplexity", progress=False)
-        for j, batch in enumerate(batches[k:k + per]):
+        for j, batch in enumerate(batches[k : k + per]):
             losses.append(window_losses(source, hidden[j], batch.to(source.device), bool(inputs.as_tuple)))
             hidden[j] = None
             bar.update(batch.shape[0])
     bar.close()
     mean = torch.cat(losses).mean().item()
     return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
-
-
 
 
 def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
@@ -104,8 +102,8 @@ def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: boo
     total = torch.zeros(b, dtype=torch.float64)
     for s in range(0, t - 1, step):
         n = min(s + step, t - 1) - s
-        logits = source.logits(hidden[:, s:s + n], ids[:, s:s + n], as_tuple)
-        loss = next_token_loss(logits, ids[:, s + 1:s + 1 + n], reduction="none")
+        logits = source.logits(hidden[:, s : s + n], ids[:, s : s + n], as_tuple)
+        loss = next_token_loss(logits, ids[:, s + 1 : s + 1 + n], reduction="none")
         total += loss.view(b, n).double().sum(1).cpu()
         del logits
     return total / (t - 1)
@@ -130,10 +128,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        out = perplexity(model, ids, seqlen, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                         bos_id=needs_bos(model, tokenizer), progress=progress, blocks_path=blocks_path)
+        out = perplexity(
+            model,
+            ids,
+            seqlen,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            device=device,
+            bos_id=needs_bos(model, tokenizer),
+            progress=progress,
+            blocks_path=blocks_path,
+        )
     finally:
         model.train(was_training)
     return {"data": text.name, "split": text.split, **out}
-
-

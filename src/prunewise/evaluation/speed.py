@@ -16,7 +16,8 @@ compute capability 8.0 or newer in fp16/bf16 (the pruned model is measured a sec
 those layers converted). Nothing else skips zeros: unstructured sparsity, and any sparsity on a
 CPU, runs the same dense matmuls as the dense model, and the report says so instead of showing
 a difference as a speed-up (on the bundled model's CPU decode, the pruned model is measured
-slower, partly from subnormal activations: ``benchmarks/RESULTS.md``). Each figure is the median of ``repeat`` timed runs after one warm-up.
+slower, partly from subnormal activations: ``benchmarks/RESULTS.md``). Each figure is the median
+of ``repeat`` timed runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class SpeedReport:
     dtype: str
     prefill: list[dict[str, Any]] = field(default_factory=list)  # {"model", "batch", "length", "tokens_per_s"}
     decode: list[dict[str, Any]] = field(default_factory=list)  # {"model", "batch", "steps", "tokens_per_s"}
-    layers: list[dict[str, Any]] = field(default_factory=list)  # {"shape", "count", "sparsity", "nm", "dense_ms", "sparse_ms"}
+    layers: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {"shape", "count", "sparsity", "nm", "dense_ms", "sparse_ms"}
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,8 +105,9 @@ def to_semi_structured(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, shapes: list[tuple[int, int]], device: torch.device, repeat: int,
-            label: str) -> list[dict[str, Any]]:
+def prefill(
+    model: nn.Module, shapes: list[tuple[int, int]], device: torch.device, repeat: int, label: str
+) -> list[dict[str, Any]]:
     vocab = model.get_input_embeddings().weight.shape[0]
     out = []
     for batch, length in shapes:
@@ -123,8 +127,9 @@ def _step(model: nn.Module, ids: torch.Tensor, past: Any) -> tuple[Any, torch.Te
 
 
 @torch.no_grad()
-def decode(model: nn.Module, batches: list[int], steps: int, prompt: int, device: torch.device, repeat: int,
-           label: str) -> list[dict[str, Any]]:
+def decode(
+    model: nn.Module, batches: list[int], steps: int, prompt: int, device: torch.device, repeat: int, label: str
+) -> list[dict[str, Any]]:
     vocab = model.get_input_embeddings().weight.shape[0]
     out = []
     for batch in batches:
@@ -142,8 +147,9 @@ def decode(model: nn.Module, batches: list[int], steps: int, prompt: int, device
 
 
 @torch.no_grad()
-def layer_times(model: nn.Module, tokens: int, device: torch.device, repeat: int,
-                kernels: bool) -> list[dict[str, Any]]:
+def layer_times(
+    model: nn.Module, tokens: int, device: torch.device, repeat: int, kernels: bool
+) -> list[dict[str, Any]]:
     """One matmul per distinct (shape, 2:4 or not) linear layer: dense, and sparse where a kernel exists."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for _, _, module in BlockSource(model).all_linears():
@@ -153,9 +159,14 @@ def layer_times(model: nn.Module, tokens: int, device: torch.device, repeat: int
     for (shape, nm), ws in groups.items():
         w = ws[0].to(device)
         x = torch.randn(tokens, shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0)).to(device)
-        row = {"shape": list(shape), "count": len(ws), "nm": nm,
-               "sparsity": sum(int((v == 0).sum()) for v in ws) / sum(v.numel() for v in ws),
-               "dense_ms": 1e3 * timed(lambda x=x, w=w: F.linear(x, w), device, repeat), "sparse_ms": None}
+        row = {
+            "shape": list(shape),
+            "count": len(ws),
+            "nm": nm,
+            "sparsity": sum(int((v == 0).sum()) for v in ws) / sum(v.numel() for v in ws),
+            "dense_ms": 1e3 * timed(lambda x=x, w=w: F.linear(x, w), device, repeat),
+            "sparse_ms": None,
+        }
         if kernels and nm:
             from torch.sparse import to_sparse_semi_structured
 
@@ -168,9 +179,18 @@ def layer_times(model: nn.Module, tokens: int, device: torch.device, repeat: int
     return out
 
 
-def measure(pruned: nn.Module, dense: nn.Module | None, *, device: str = "cpu",
-            shapes: list[tuple[int, int]] = ((1, 128), (1, 512), (4, 512)), decode_batches: list[int] = (1, 16),
-            steps: int = 32, prompt: int = 32, tokens: int = 2048, repeat: int = 3) -> SpeedReport:
+def measure(
+    pruned: nn.Module,
+    dense: nn.Module | None,
+    *,
+    device: str = "cpu",
+    shapes: list[tuple[int, int]] = ((1, 128), (1, 512), (4, 512)),
+    decode_batches: list[int] = (1, 16),
+    steps: int = 32,
+    prompt: int = 32,
+    tokens: int = 2048,
+    repeat: int = 3,
+) -> SpeedReport:
     """Time ``dense`` (when given) and ``pruned`` on ``device``; models are moved there and back."""
     dev = torch.device(device)
     dtype = next(pruned.parameters()).dtype
@@ -190,16 +210,20 @@ def measure(pruned: nn.Module, dense: nn.Module | None, *, device: str = "cpu",
         pruned.to(dev)
         try:
             done, refused = to_semi_structured(pruned)
-            report.notes.append(f"pruned (2:4 kernels): {done} layers in the semi-structured sparse format"
-                                + (f", {refused} refused by the kernel's shape rules" if refused else ""))
+            report.notes.append(
+                f"pruned (2:4 kernels): {done} layers in the semi-structured sparse format"
+                + (f", {refused} refused by the kernel's shape rules" if refused else "")
+            )
             report.prefill += prefill(pruned, list(shapes), dev, repeat, "pruned (2:4 kernels)")
             report.decode += decode(pruned, list(decode_batches), steps, prompt, dev, repeat, "pruned (2:4 kernels)")
         finally:
             pruned.to("cpu")
     else:
-        report.notes.append(f"{why_not or 'no 2:4 layers'}: the pruned model runs the same dense matmuls as the "
-                            "dense one, so its zeros buy no speed here; any difference comes from elsewhere "
-                            "(noise, or slower arithmetic on the values zeros leave, e.g. subnormal floats)")
+        report.notes.append(
+            f"{why_not or 'no 2:4 layers'}: the pruned model runs the same dense matmuls as the "
+            "dense one, so its zeros buy no speed here; any difference comes from elsewhere "
+            "(noise, or slower arithmetic on the values zeros leave, e.g. subnormal floats)"
+        )
     return report
 
 
@@ -215,11 +239,15 @@ def tables(report: SpeedReport) -> str:
         for b, n in shapes:
             vals = "".join(f"{cell.get((m, b, n), float('nan')):>22.1f}" for m in models)
             lines.append(f"{'':<15}{f'{b} x {n}':<16}{vals}")
-    lines.append(f"{'layer shape':<16}{'layers':>7}{'sparsity':>10}{'2:4':>5}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
+    lines.append(
+        f"{'layer shape':<16}{'layers':>7}{'sparsity':>10}{'2:4':>5}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}"
+    )
     for r in report.layers:
         sparse = f"{r['sparse_ms']:>11.3f}" if r["sparse_ms"] is not None else f"{'-':>11}"
         gain = f"{r['dense_ms'] / r['sparse_ms']:>9.2f}x" if r["sparse_ms"] else f"{'-':>10}"
-        lines.append(f"{'x'.join(map(str, r['shape'])):<16}{r['count']:>7}{r['sparsity']:>10.3f}"
-                     f"{'yes' if r['nm'] else 'no':>5}{r['dense_ms']:>10.3f}{sparse}{gain}")
+        lines.append(
+            f"{'x'.join(map(str, r['shape'])):<16}{r['count']:>7}{r['sparsity']:>10.3f}"
+            f"{'yes' if r['nm'] else 'no':>5}{r['dense_ms']:>10.3f}{sparse}{gain}"
+        )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

@@ -90,8 +90,9 @@ def _task_manager(tasks: tuple[str, ...], include_path: str | None):
         for t in unknown:
             close = difflib.get_close_matches(t, manager.all_tasks, n=3)
             hints.append(f"'{t}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise PrunewiseError(f"tasks: unknown lm-eval task {', '.join(hints)}; local tasks go in a folder "
-                             "passed with --include-path")
+        raise PrunewiseError(
+            f"tasks: unknown lm-eval task {', '.join(hints)}; local tasks go in a folder passed with --include-path"
+        )
     return manager
 
 
@@ -125,12 +126,21 @@ def zero_shot(
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         with contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext():
-            out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0,
-                                          limit=limit, log_samples=False, bootstrap_iters=1000)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                num_fewshot=0,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=1000,
+            )
     except Exception as exc:  # lm-eval raises bare exceptions for missing datasets, offline hubs, ...
-        raise PrunewiseError(f"tasks: lm-eval could not run {', '.join(names)}: {type(exc).__name__}: {exc}. "
-                             "Tasks whose data lives on the Hugging Face hub need network access or a local "
-                             "copy (see docs/evaluation.md)") from exc
+        raise PrunewiseError(
+            f"tasks: lm-eval could not run {', '.join(names)}: {type(exc).__name__}: {exc}. "
+            "Tasks whose data lives on the Hugging Face hub need network access or a local "
+            "copy (see docs/evaluation.md)"
+        ) from exc
     finally:
         model.train(was_training)
         for logger, level in levels.items():
@@ -139,8 +149,13 @@ def zero_shot(
     for name in names:
         raw = out["results"].get(name, {})
         entry = {m: raw[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in raw}
-        entry.update({f"{m}_stderr": raw[f"{m}_stderr,none"] for m in ("acc", "acc_norm")
-                      if isinstance(raw.get(f"{m}_stderr,none"), float)})
+        entry.update(
+            {
+                f"{m}_stderr": raw[f"{m}_stderr,none"]
+                for m in ("acc", "acc_norm")
+                if isinstance(raw.get(f"{m}_stderr,none"), float)
+            }
+        )
         entry["samples"] = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
         entry["version"] = out.get("versions", {}).get(name)
         results[name] = entry
@@ -149,5 +164,10 @@ def zero_shot(
         values = [r[m] for r in results.values() if m in r]
         if values:
             average[m] = sum(values) / len(values)
-    return {"tasks": results, "average": average, "num_fewshot": 0, "limit": limit,
-            "lm_eval": getattr(lm_eval, "__version__", "unknown")}
+    return {
+        "tasks": results,
+        "average": average,
+        "num_fewshot": 0,
+        "limit": limit,
+        "lm_eval": getattr(lm_eval, "__version__", "unknown"),
+    }

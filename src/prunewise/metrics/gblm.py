@@ -53,7 +53,8 @@ def grad_options(params: dict) -> dict:
 
 
 @METRICS.register(
-    "gblm", rank=3,
+    "gblm",
+    rank=3,
     summary="|W| * ||X_j|| + |W| * G: Wanda plus accumulated per-sample gradients, per output row",
     paper="Das et al., GBLM-Pruner, arXiv 2311.04902",
     needs=("input_norm", "grad"),
@@ -63,15 +64,17 @@ def grad_options(params: dict) -> dict:
     grad_options=grad_options,
     **RULES,
 )
-def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
-          checkpointing: bool = False) -> torch.Tensor:
+def score(
+    weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0, checkpointing: bool = False
+) -> torch.Tensor:
     _check(norm, scale)
     w = weight.detach().float().abs()
     return w * stats.input_norm().to(weight.device).unsqueeze(0) + w * _grad(weight, stats)
 
 
 @METRICS.register(
-    "gradient", rank=4,
+    "gradient",
+    rank=4,
     summary="|W| * G: the GBLM paper's gradient-only score, per output row",
     paper="Das et al., GBLM-Pruner, arXiv 2311.04902",
     needs=("grad",),
@@ -80,7 +83,8 @@ def score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: f
     grad_options=grad_options,
     **RULES,
 )
-def gradient_score(weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0,
-                   checkpointing: bool = False) -> torch.Tensor:
+def gradient_score(
+    weight: torch.Tensor, stats: LayerStats, *, norm: str = "l1", scale: float = 100.0, checkpointing: bool = False
+) -> torch.Tensor:
     _check(norm, scale)
     return weight.detach().float().abs() * _grad(weight, stats)

@@ -22,7 +22,8 @@ from ..registry import METRICS
 
 
 @METRICS.register(
-    "magnitude", rank=0,
+    "magnitude",
+    rank=0,
     summary="|W|; no calibration data",
     paper="baseline (Han et al., 2015); reference: locuslab/wanda prune_magnitude",
     needs=(),

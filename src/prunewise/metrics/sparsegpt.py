@@ -53,15 +53,14 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
                 return upper
         if attempt < retries:
             new = damp * 10 if damp > 0 else 1e-6 * max(mean_diag, 1.0)
-            log.warning(
-                "SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new
-            )
+            log.warning("SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new)
             damp = new
     raise RuntimeError(f"SparseGPT: Cholesky factorisation failed even with damping {damp:.3g}")
 
 
 @METRICS.register(
-    "sparsegpt", rank=2,
+    "sparsegpt",
+    rank=2,
     summary="OBS solver: prunes by w^2/[H^-1]_ii and updates the remaining weights",
     paper="Frantar & Alistarh, SparseGPT, arXiv 2301.00774",
     needs=("hessian",),

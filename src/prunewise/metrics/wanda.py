@@ -24,7 +24,8 @@ from ..registry import METRICS
 
 
 @METRICS.register(
-    "wanda", rank=1,
+    "wanda",
+    rank=1,
     summary="|W| * ||X_j||: weight times input activation norm, per output row",
     paper="Sun et al., A Simple and Effective Pruning Approach for LLMs, arXiv 2306.11695",
     needs=("input_norm",),

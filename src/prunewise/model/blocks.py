@@ -60,8 +60,10 @@ class Inputs:
 
 # A step: (block index, block on the device, its linear layers by full name, hidden per batch,
 # its calls) -> the hidden states for the next block (or None when nothing follows).
-Step = Callable[[int, nn.Module, list[tuple[str, nn.Module]], list[torch.Tensor] | None, list[Call] | None],
-                list[torch.Tensor] | None]
+Step = Callable[
+    [int, nn.Module, list[tuple[str, nn.Module]], list[torch.Tensor] | None, list[Call] | None],
+    list[torch.Tensor] | None,
+]
 
 
 def split_hidden(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
@@ -240,8 +242,9 @@ class BlockSource:
                 handle.remove()
         return bool(seen and seen[0])
 
-    def each(self, *, reverse: bool = False, desc: str = "blocks",
-             progress: bool = False) -> Iterator[tuple[int, nn.Module, list[tuple[str, nn.Module]]]]:
+    def each(
+        self, *, reverse: bool = False, desc: str = "blocks", progress: bool = False
+    ) -> Iterator[tuple[int, nn.Module, list[tuple[str, nn.Module]]]]:
         """``(index, block on the device, its linear layers)`` for every block, first to last (or
         last to first: a backward pass), each taken back when the next is asked for."""
         order = list(range(len(self) - 1, -1, -1) if reverse else range(len(self)))
@@ -281,11 +284,10 @@ def replay_step(i, block, linears, hidden, calls):
     return run_block(block, hidden, calls)
 
 
-
-
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits`` ``[..., vocab]`` against the token ids that follow
     (``targets``, the same leading shape), in float32: the loss of every pass that scores or
     back-propagates a language model (perplexity, GBLM's gradients, allocator trials)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device),
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device), reduction=reduction
+    )

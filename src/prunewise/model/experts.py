@@ -69,8 +69,11 @@ class ExpertLinear(nn.Module):
 def is_fused(module: nn.Module) -> bool:
     """Experts stored as 3-D ``gate_up_proj`` / ``down_proj`` parameters with an ``act_fn``."""
     params = dict(module.named_parameters(recurse=False))
-    return (all(name in params and params[name].dim() == 3 for name, _ in FUSED) and hasattr(module, "act_fn")
-            and params["gate_up_proj"].shape[0] == params["down_proj"].shape[0])
+    return (
+        all(name in params and params[name].dim() == 3 for name, _ in FUSED)
+        and hasattr(module, "act_fn")
+        and params["gate_up_proj"].shape[0] == params["down_proj"].shape[0]
+    )
 
 
 def prepare(block: nn.Module) -> None:
@@ -80,8 +83,9 @@ def prepare(block: nn.Module) -> None:
             if getattr(module, "has_bias", False) or any(p.dim() != 3 for p in module.parameters(recurse=False)):
                 raise PrunewiseError(f"{type(module).__name__}: fused experts with biases are not supported yet")
             if any(hasattr(module, name) for _, name in FUSED):
-                raise PrunewiseError(f"{type(module).__name__}: cannot add per-expert views (a 'gate_up' or "
-                                     "'down' attribute exists)")
+                raise PrunewiseError(
+                    f"{type(module).__name__}: cannot add per-expert views (a 'gate_up' or 'down' attribute exists)"
+                )
             n = module.gate_up_proj.shape[0]
             for attr, name in FUSED:
                 setattr(module, name, nn.ModuleList(ExpertLinear(module, attr, e) for e in range(n)))
@@ -96,8 +100,9 @@ def routers(block: nn.Module) -> set[int]:
     return out
 
 
-def routed_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                   top_k_weights: torch.Tensor) -> torch.Tensor:
+def routed_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers' eager expert loop, through the per-expert modules (so their hooks fire)."""
     out = torch.zeros_like(hidden_states)
     slots = top_k_index.t()  # [top_k, tokens]: positions first, as the eager path orders them
@@ -131,14 +136,17 @@ def routed(block: nn.Module) -> Iterator[None]:
 
 def _checked(module: nn.Module):
     """:func:`routed_forward`, compared once with the module's own forward on its first inputs."""
+
     def forward(hidden_states, top_k_index, top_k_weights):
         out = routed_forward(module, hidden_states, top_k_index, top_k_weights)
         if not getattr(module, "_prunewise_checked", False):
             with torch.no_grad():
                 own = type(module).forward(module, hidden_states, top_k_index, top_k_weights)
             if not torch.allclose(own.float(), out.float(), rtol=1e-3, atol=1e-5):
-                raise PrunewiseError(f"{type(module).__name__}: its experts do not compute gate/up -> act * up -> "
-                                     "down as prunewise expects; this mixture-of-experts layout is not supported")
+                raise PrunewiseError(
+                    f"{type(module).__name__}: its experts do not compute gate/up -> act * up -> "
+                    "down as prunewise expects; this mixture-of-experts layout is not supported"
+                )
             object.__setattr__(module, "_prunewise_checked", True)
         return out
 

@@ -41,7 +41,9 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, 
     if blocks_path:
         blocks = _resolve_path(model, blocks_path)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise PrunewiseError(f"blocks_path: '{blocks_path}' is a {type(blocks).__name__}, not a non-empty nn.ModuleList")
+            raise PrunewiseError(
+                f"blocks_path: '{blocks_path}' is a {type(blocks).__name__}, not a non-empty nn.ModuleList"
+            )
         return blocks_path, blocks
     classes = set(getattr(model, "_no_split_modules", None) or [])
     candidates = []
@@ -72,8 +74,11 @@ def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
     (:mod:`prunewise.model.experts`)."""
     prepare(block)
     skip = routers(block)
-    return [(n, m) for n, m in block.named_modules()
-            if (isinstance(m, (nn.Linear, ExpertLinear)) or is_conv1d(m)) and id(m) not in skip]
+    return [
+        (n, m)
+        for n, m in block.named_modules()
+        if (isinstance(m, (nn.Linear, ExpertLinear)) or is_conv1d(m)) and id(m) not in skip
+    ]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

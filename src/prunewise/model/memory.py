@@ -130,8 +130,13 @@ class Estimate:
 
     def to_dict(self) -> dict:
         gb = lambda v: None if v is None else round(v / 1e9, 3)  # noqa: E731
-        return {"mode": self.mode, "estimated_host_gb": gb(self.host), "estimated_device_gb": gb(self.device),
-                "available_host_gb": gb(self.available), **{f"{k}_gb": gb(v) for k, v in self.parts.items()}}
+        return {
+            "mode": self.mode,
+            "estimated_host_gb": gb(self.host),
+            "estimated_device_gb": gb(self.device),
+            "available_host_gb": gb(self.available),
+            **{f"{k}_gb": gb(v) for k, v in self.parts.items()},
+        }
 
 
 def _config_int(cfg, *names: str) -> int:
@@ -156,10 +161,12 @@ class ModelShape:
     def of(cls, model: nn.Module) -> ModelShape:
         cfg = model.config
         hidden = _config_int(cfg, "hidden_size", "n_embd", "d_model")
-        return cls(hidden=hidden,
-                   intermediate=_config_int(cfg, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden,
-                   heads=_config_int(cfg, "num_attention_heads", "n_head") or 1,
-                   vocab=_config_int(cfg, "vocab_size"))
+        return cls(
+            hidden=hidden,
+            intermediate=_config_int(cfg, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden,
+            heads=_config_int(cfg, "num_attention_heads", "n_head") or 1,
+            vocab=_config_int(cfg, "vocab_size"),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,15 @@ class Workload:
     eval_seqlen: int = 0
 
 
-def estimate(model: nn.Module, work: Workload, *, device: str = "cpu", blocks_path: str | None = None,
-             stream: str = "auto", available: int | None = None) -> Estimate:
+def estimate(
+    model: nn.Module,
+    work: Workload,
+    *,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    stream: str = "auto",
+    available: int | None = None,
+) -> Estimate:
     """The peak memory of ``work`` over ``model`` (held in memory or a streamed skeleton: only shapes
     are read), and the mode ``stream`` resolves to (``available``: what the process may use, bytes;
     default :func:`host_available`)."""
@@ -194,13 +208,21 @@ def estimate(model: nn.Module, work: Workload, *, device: str = "cpu", blocks_pa
     stats = sum(4 * min(s) ** 2 if work.hessians else 8 * max(s) for s in shapes)
     longest = max(work.seqlen, work.eval_seqlen)
     largest = max(s[0] * s[1] for s in shapes)
-    temps = (work.batch_size * longest * (4 * shape.heads * longest + 3 * shape.intermediate * elt
-                                          + 4 * shape.hidden * elt)
-             + 3 * LOGIT_BYTES + MASK_BYTES * largest)
+    temps = (
+        work.batch_size * longest * (4 * shape.heads * longest + 3 * shape.intermediate * elt + 4 * shape.hidden * elt)
+        + 3 * LOGIT_BYTES
+        + MASK_BYTES * largest
+    )
     working = acts + stats + temps
     dev = torch.device(device)
-    parts = {"weights": total, "outside": outside, "block": block, "activations": acts, "statistics": stats,
-             "temporaries": temps}
+    parts = {
+        "weights": total,
+        "outside": outside,
+        "block": block,
+        "activations": acts,
+        "statistics": stats,
+        "temporaries": temps,
+    }
     if dev.type == "cuda":
         host_memory, host_stream, on_device = PROCESS + total, PROCESS + outside + 3 * block, outside + block + working
     else:

@@ -21,8 +21,9 @@ def make_source(model: nn.Module, blocks_path: str | None = None, device: str | 
 
 
 @torch.no_grad()
-def replay(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1, device: str = "cpu",
-           blocks_path: str | None = None) -> torch.Tensor:
+def replay(
+    model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1, device: str = "cpu", blocks_path: str | None = None
+) -> torch.Tensor:
     """The last block's outputs for ``ids``, computed block by block as every pass does.
 
     Equal to the full forward pass's last-block output: the check that capture and per-block

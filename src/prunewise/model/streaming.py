@@ -19,7 +19,8 @@ is a :class:`StreamedSource`:
   for (:meth:`StreamedSource.weight`), and the model's fingerprint hashes every tensor as it is
   read, equal to the fingerprint of the same checkpoint loaded whole.
 
-Output shards are written by :class:`~prunewise.storage.shards.ShardWriter`: every tensor's name, dtype and shape are known
+Output shards are written by :class:`~prunewise.storage.shards.ShardWriter`: every tensor's name,
+dtype and shape are known
 before the first block is pruned, so each shard's header is written up front and each tensor is
 written at its offset when it arrives. The result is an ordinary safetensors checkpoint (index,
 shards, config, tokenizer) that loads with ``AutoModelForCausalLM.from_pretrained``, in the
@@ -160,8 +161,13 @@ class StreamedSource(BlockSource):
         self._tensors: list[list[tuple[str, torch.Tensor]]] = []
         for i, block in enumerate(self.blocks):
             prefix = f"{self.path}.{i}."
-            self._tensors.append([(k, t) for k, t in block.state_dict(keep_vars=True).items()
-                                  if prefix + k in self.stream.keys and t.is_meta])
+            self._tensors.append(
+                [
+                    (k, t)
+                    for k, t in block.state_dict(keep_vars=True).items()
+                    if prefix + k in self.stream.keys and t.is_meta
+                ]
+            )
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         return {k: self.stream.read(f"{self.path}.{i}.{k}") for k, _ in self._tensors[i]}
@@ -244,8 +250,15 @@ def export(model: nn.Module, tokenizer, folder: Path) -> None:
         stream.point(folder, owned=False)
 
 
-def random_checkpoint(folder: Path, config, *, dtype: torch.dtype = torch.float32, seed: int = 0, tokenizer=None,
-                      max_shard_bytes: int = SHARD_BYTES) -> Path:
+def random_checkpoint(
+    folder: Path,
+    config,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer=None,
+    max_shard_bytes: int = SHARD_BYTES,
+) -> Path:
     """A random-init checkpoint of ``config`` (a transformers config) written to ``folder`` one
     tensor at a time, never the whole model in memory: matrices ``N(0, 0.02)``, other weights ones,
     biases zeros. For trying a memory budget with the shape of a model too large to download
@@ -269,7 +282,9 @@ def random_checkpoint(folder: Path, config, *, dtype: torch.dtype = torch.float3
             elif t.dim() >= 2:
                 value = (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype)
             else:
-                value = torch.zeros(t.shape, dtype=t.dtype) if k.endswith("bias") else torch.ones(t.shape, dtype=t.dtype)
+                value = (
+                    torch.zeros(t.shape, dtype=t.dtype) if k.endswith("bias") else torch.ones(t.shape, dtype=t.dtype)
+                )
             writer.put(k, value)
             del value
         writer.close()

@@ -98,13 +98,30 @@ class PruneOptions:
     provided: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, metric: str, *, allocation: dict[str, float], pattern: Pattern,
-             metric_params: dict[str, Any] | None = None, mode: str = "two-pass", propagate: str = "pruned",
-             batch_size: int = 1, grads: Mapping[str, torch.Tensor] | None = None) -> PruneOptions:
+    def make(
+        cls,
+        metric: str,
+        *,
+        allocation: dict[str, float],
+        pattern: Pattern,
+        metric_params: dict[str, Any] | None = None,
+        mode: str = "two-pass",
+        propagate: str = "pruned",
+        batch_size: int = 1,
+        grads: Mapping[str, torch.Tensor] | None = None,
+    ) -> PruneOptions:
         """Options from a metric's name and its hyper-parameters (checked and completed)."""
         entry = METRICS.get(metric)
-        return cls(entry, entry.bind(metric_params or {}), allocation, pattern, mode, propagate, batch_size,
-                   {} if grads is None else {"grad": grads})
+        return cls(
+            entry,
+            entry.bind(metric_params or {}),
+            allocation,
+            pattern,
+            mode,
+            propagate,
+            batch_size,
+            {} if grads is None else {"grad": grads},
+        )
 
     @property
     def needs_data(self) -> bool:
@@ -140,8 +157,14 @@ class PruneOptions:
         return zeros
 
 
-def prune_linear(module: nn.Module, metric: Entry, params: dict[str, Any], stats: LayerStats | None,
-                 sparsity: float, pattern: Pattern) -> int:
+def prune_linear(
+    module: nn.Module,
+    metric: Entry,
+    params: dict[str, Any],
+    stats: LayerStats | None,
+    sparsity: float,
+    pattern: Pattern,
+) -> int:
     """Prune one linear layer in place; return its number of zero weights.
 
     With an N:M pattern the layer's own N is ``sparsity * M`` (mixed N:M allocations give blocks
@@ -214,8 +237,7 @@ class _Pruner:
         within = {id(m): n for n, m in block.named_modules()}
         layout = tuple(within[id(m)] for _, m in linears)
         last = self.last.get(layout)
-        collector = StatsCollector(stats, None if self.opts.propagate == "dense" or last is None
-                                   else linears[last][0])
+        collector = StatsCollector(stats, None if self.opts.propagate == "dense" or last is None else linears[last][0])
         outs = collector.run(block, linears, hidden, calls)
         if layout not in self.last:
             experts = any(isinstance(m, ExpertLinear) for _, m in linears)
@@ -226,8 +248,9 @@ class _Pruner:
 
 
 @torch.no_grad()
-def prune_blocks(source: BlockSource, calib: torch.Tensor | None, opts: PruneOptions,
-                 progress: bool = True) -> PruneResult:
+def prune_blocks(
+    source: BlockSource, calib: torch.Tensor | None, opts: PruneOptions, progress: bool = True
+) -> PruneResult:
     """Prune every block of ``source`` in place, walking it once with the step of ``opts.mode``."""
     start = time.perf_counter()
     opts.check(calib)
@@ -243,16 +266,25 @@ def prune_blocks(source: BlockSource, calib: torch.Tensor | None, opts: PruneOpt
         step = pruner.single_pass if single else pruner.two_pass
     with source.rewriting():  # a model streamed from disk gets its pruned blocks written as they finish
         source.walk(step, inputs, desc=f"{opts.metric.name} {opts.mode}", progress=progress)
-    results = [LayerResult(name, i, tuple(weight_matrix(m).shape), opts.allocation[name], pruner.zeros[name])
-               for i, name, m in source.all_linears()]
+    results = [
+        LayerResult(name, i, tuple(weight_matrix(m).shape), opts.allocation[name], pruner.zeros[name])
+        for i, name, m in source.all_linears()
+    ]
     timings["total_s"] = time.perf_counter() - start
     ntok = int(calib.numel()) if calib is not None and opts.needs_data else 0
     return PruneResult(results, timings["total_s"], ntok, source.path, timings)
 
 
-def prune_model(model: nn.Module, calib: torch.Tensor | None, options: PruneOptions | None = None, *,
-                device: str = "cpu", blocks_path: str | None = None, progress: bool = True,
-                **spec: Any) -> PruneResult:
+def prune_model(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    options: PruneOptions | None = None,
+    *,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    progress: bool = True,
+    **spec: Any,
+) -> PruneResult:
     """Prune ``model`` in place with ``options``, or with the options :meth:`PruneOptions.make`
     builds from ``spec`` (``metric``, ``allocation`` mapping every linear layer's full name to its
     sparsity, ``pattern``, ``metric_params``, ``mode``, ``propagate``, ``batch_size``, and ``grads``
@@ -292,8 +324,9 @@ class StatsCollector:
 
         return pre_hook
 
-    def run(self, block: nn.Module, linears: list[tuple[str, nn.Module]], hidden: list[torch.Tensor],
-            calls: list[Call]) -> list[torch.Tensor] | None:
+    def run(
+        self, block: nn.Module, linears: list[tuple[str, nn.Module]], hidden: list[torch.Tensor], calls: list[Call]
+    ) -> list[torch.Tensor] | None:
         """Run ``block`` on every batch with the hooks on ``linears``; its outputs unless stopped early."""
         handles = [m.register_forward_pre_hook(self.hook(name)) for name, m in linears]
         try:

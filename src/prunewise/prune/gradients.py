@@ -14,8 +14,9 @@ It keeps every ``.grad`` of the model alive, then copies them into fp16/fp32 CPU
   moment autograd produces it and frees it — no full set of ``.grad`` tensors is ever alive;
 - only the chosen norm is accumulated (4 bytes per prunable parameter);
 - ``checkpointing=True`` runs the backward through the block loop (:mod:`prunewise.model.blocks`,
-  :func:`backward_through_blocks`): per window, a forward over the blocks keeps only each block's input; the loss is back-propagated
-  through the model's head to the last block's output; then the blocks are taken last to first,
+  :func:`backward_through_blocks`): per window, a forward over the blocks keeps only each block's
+  input; the loss is back-propagated through the model's head to the last block's output; then
+  the blocks are taken last to first,
   each recomputed from its kept input and back-propagated on its own. Only one block's activations
   exist at a time and only that block is on the device — any architecture, and the model stays
   in eval mode (no dropout);
@@ -62,8 +63,7 @@ def memory_estimate(source: BlockSource, seqlen: int, checkpointing: bool) -> di
     layers = len(source)
     acts = layers * seqlen * shape.hidden * elt + per_block if checkpointing else layers * per_block
     logits = 3 * seqlen * shape.vocab * 4
-    return {"accumulators": acc, "gradient": max(w.numel() for w in prunable) * elt,
-            "activations": acts + logits}
+    return {"accumulators": acc, "gradient": max(w.numel() for w in prunable) * elt, "activations": acts + logits}
 
 
 def _check_backward(weights: dict[str, nn.Parameter]) -> None:
@@ -166,8 +166,10 @@ def collect_gradients(
     modules = {name: m for _, name, m in source.all_linears()}
     _check_backward({name: m.weight for name, m in modules.items()})
     need = _check_memory(source, calib.shape[1], checkpointing, available)
-    acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
-           for name, m in modules.items()}
+    acc = {
+        name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
+        for name, m in modules.items()
+    }
     home = next(model.parameters()).device
     try:
         if not checkpointing:
@@ -217,8 +219,14 @@ class _Kept:
 BlockBackward = Callable[[int, nn.Module, list[tuple[str, nn.Module]]], contextlib.AbstractContextManager]
 
 
-def backward_through_blocks(source: BlockSource, windows: torch.Tensor, *, spill: bool = False,
-                            around: BlockBackward | None = None, progress: bool = False) -> None:
+def backward_through_blocks(
+    source: BlockSource,
+    windows: torch.Tensor,
+    *,
+    spill: bool = False,
+    around: BlockBackward | None = None,
+    progress: bool = False,
+) -> None:
     """Back-propagate the mean next-token loss of every window of ``windows`` (``[n, seqlen]``)
     over the block loop, one backward per window (per-sample gradients, as the reference): a
     forward walk keeps each block's inputs (in files when ``spill``); each window's loss is
@@ -254,8 +262,9 @@ def backward_through_blocks(source: BlockSource, windows: torch.Tensor, *, spill
                 grads[j], hidden[j] = x.grad, None
 
 
-def streamed_gradients(source: BlockSource, calib: torch.Tensor, put, *, norm: str, scale: float,
-                       progress: bool = True) -> None:
+def streamed_gradients(
+    source: BlockSource, calib: torch.Tensor, put, *, norm: str, scale: float, progress: bool = True
+) -> None:
     """GBLM's ``G`` of every prunable weight of a streamed model, each block's handed to
     ``put(name, G)`` as soon as it is complete: :func:`backward_through_blocks` over every window
     at once, so every block is read twice in all; the kept block inputs are spilled to disk when
@@ -266,15 +275,21 @@ def streamed_gradients(source: BlockSource, calib: torch.Tensor, put, *, norm: s
     @contextlib.contextmanager
     def folding_block(i, block, linears):
         _check_backward({name: m.weight for name, m in linears})
-        acc = {name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device)
-               for name, m in linears}
+        acc = {
+            name: torch.zeros(weight_matrix(m).shape, dtype=torch.float32, device=source.device) for name, m in linears
+        }
         with _folding(block, dict(linears), acc, norm, scale):
             yield
         for name, t in acc.items():
             put(name, (t.sqrt_() if norm == "l2" else t).cpu())
 
-    backward_through_blocks(source, calib, spill=room is not None and per_block * len(source) > room / 4,
-                            around=folding_block, progress=progress)
+    backward_through_blocks(
+        source,
+        calib,
+        spill=room is not None and per_block * len(source) > room / 4,
+        around=folding_block,
+        progress=progress,
+    )
 
 
 def gradient_key(model_key: str, calib: torch.Tensor, blocks_path: str | None, norm: str, scale: float) -> str:
@@ -283,18 +298,44 @@ def gradient_key(model_key: str, calib: torch.Tensor, blocks_path: str | None, n
     return fingerprint(calib, extra=f"{model_key}:{blocks_path}:{norm}:{float(scale)!r}")
 
 
-def layer_gradients(model: nn.Module, calib: torch.Tensor, *, norm: str, scale: float, checkpointing: bool = False,
-                    device: str = "cpu", blocks_path: str | None = None, cache_dir: Path | None = None,
-                    progress: bool = True, model_key: str | None = None) -> dict[str, torch.Tensor]:
+def layer_gradients(
+    model: nn.Module,
+    calib: torch.Tensor,
+    *,
+    norm: str,
+    scale: float,
+    checkpointing: bool = False,
+    device: str = "cpu",
+    blocks_path: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    model_key: str | None = None,
+) -> dict[str, torch.Tensor]:
     """:func:`collect_gradients`, cached on disk by content (checkpointing does not enter the key);
     ``model_key`` is the model's fingerprint when the caller has it."""
     key = gradient_key(model_key or model_fingerprint(model), calib, blocks_path, norm, scale)
     source = make_source(model, blocks_path, device)
     if source.streamed:  # too large to hold: G written block by block, read back layer by layer
         specs = [(name, torch.float32, tuple(weight_matrix(m).shape)) for _, name, m in source.all_linears()]
-        return cached_lazy(cache_dir, "gradients", key, specs, lambda put: streamed_gradients(
-            source, calib, put, norm=norm, scale=scale, progress=progress))
-    return cached(cache_dir, "gradients", key, lambda: collect_gradients(
-        model, calib, norm=norm, scale=scale, checkpointing=checkpointing, device=device,
-        blocks_path=blocks_path, progress=progress))
-
+        return cached_lazy(
+            cache_dir,
+            "gradients",
+            key,
+            specs,
+            lambda put: streamed_gradients(source, calib, put, norm=norm, scale=scale, progress=progress),
+        )
+    return cached(
+        cache_dir,
+        "gradients",
+        key,
+        lambda: collect_gradients(
+            model,
+            calib,
+            norm=norm,
+            scale=scale,
+            checkpointing=checkpointing,
+            device=device,
+            blocks_path=blocks_path,
+            progress=progress,
+        ),
+    )

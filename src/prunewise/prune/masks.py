@@ -62,12 +62,16 @@ def parse_pattern(spec: str) -> Pattern:
         return Pattern(n=n, m=m)
     name, _, rest = text.partition(":")
     if name != "unstructured":
-        raise ConfigError(f"pattern: unknown pattern '{spec}'; use 'unstructured', 'unstructured:group=row|matrix' or N:M such as 2:4")
+        raise ConfigError(
+            f"pattern: unknown pattern '{spec}'; use 'unstructured', 'unstructured:group=row|matrix' or N:M such as 2:4"
+        )
     group = None
     if rest:
         key, _, value = rest.partition("=")
         if key != "group" or value not in GROUPS:
-            raise ConfigError(f"pattern: cannot parse '{spec}'; expected unstructured:group=row or unstructured:group=matrix")
+            raise ConfigError(
+                f"pattern: cannot parse '{spec}'; expected unstructured:group=row or unstructured:group=matrix"
+            )
         group = value
     return Pattern(group=group)
 

@@ -42,8 +42,21 @@ REPORT = "report.md"
 
 
 # What makes two runs' numbers comparable: the same model, calibration, pruning mode and evaluation.
-COMPARABLE = ("model", "dtype", "calib", "nsamples", "seqlen", "seed", "mode", "propagate", "eval_data",
-            "eval_seqlen", "max_tokens", "tasks", "limit")
+COMPARABLE = (
+    "model",
+    "dtype",
+    "calib",
+    "nsamples",
+    "seqlen",
+    "seed",
+    "mode",
+    "propagate",
+    "eval_data",
+    "eval_seqlen",
+    "max_tokens",
+    "tasks",
+    "limit",
+)
 
 
 @dataclass
@@ -83,12 +96,16 @@ def load_groups(folder: Path) -> list[Group]:
             if line.get("kind") == "dense":
                 dense_lines.append(line)
             else:
-                add(RunRecord.from_dict(line), ResultRow.from_record(RunRecord.from_dict(line),
-                                                                     line.get("status", "ok"), line.get("error")))
+                add(
+                    RunRecord.from_dict(line),
+                    ResultRow.from_record(RunRecord.from_dict(line), line.get("status", "ok"), line.get("error")),
+                )
         for line in dense_lines:  # a sweep measures its dense baseline once, for its evaluation settings
             for group in groups.values():
-                if all(group.settings.get(k) == v for k, v in (line.get("config") or {}).items()
-                       if k in COMPARABLE) and not group.dense:
+                if (
+                    all(group.settings.get(k) == v for k, v in (line.get("config") or {}).items() if k in COMPARABLE)
+                    and not group.dense
+                ):
                     group.dense = {"ppl": line.get("ppl"), "zero_shot": line.get("zero_shot")}
     else:
         for path in sorted(folder.rglob(RECORD)):
@@ -99,8 +116,9 @@ def load_groups(folder: Path) -> list[Group]:
             if not group.dense and rec.dense:
                 group.dense = {"ppl": rec.dense, "zero_shot": rec.zero_shot.get("dense")}
     if not groups:
-        raise PrunewiseError(f"report: no results in {folder} (expected {RESULTS} from 'prunewise sweep' or "
-                             f"run folders with {RECORD})")
+        raise PrunewiseError(
+            f"report: no results in {folder} (expected {RESULTS} from 'prunewise sweep' or run folders with {RECORD})"
+        )
     return list(groups.values())
 
 
@@ -152,8 +170,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
 
 
-def _figures(rows: list[ResultRow], ok: list[ResultRow], dense_ppl: float | None, out: Path, h: str,
-             suffix: str) -> list[str]:
+def _figures(
+    rows: list[ResultRow], ok: list[ResultRow], dense_ppl: float | None, out: Path, h: str, suffix: str
+) -> list[str]:
     """The perplexity-vs-sparsity and per-block profile sections, with their PNGs written to ``out``."""
     md: list[str] = []
     figures = []
@@ -173,9 +192,14 @@ def _figures(rows: list[ResultRow], ok: list[ResultRow], dense_ppl: float | None
         searched = [r for r in ok if r.allocator == a and r.search]
         if searched:
             profiles.append("")
-            profiles.append(f"{a}: searched `{searched[0].search['parameter']}` per run: " + ", ".join(
-                f"{r.metric} {col_name((r.pattern, r.target))} -> {r.search['chosen']:g}"
-                for r in sorted(searched, key=lambda r: (r.metric, r.nm, r.target))) + ".")
+            profiles.append(
+                f"{a}: searched `{searched[0].search['parameter']}` per run: "
+                + ", ".join(
+                    f"{r.metric} {col_name((r.pattern, r.target))} -> {r.search['chosen']:g}"
+                    for r in sorted(searched, key=lambda r: (r.metric, r.nm, r.target))
+                )
+                + "."
+            )
             profiles.append("")
     if profiles:
         md += [f"{h} Per-block sparsity of each allocator", "", *profiles, ""]
@@ -193,12 +217,17 @@ def _time_table(ok: list[ResultRow], h: str) -> list[str]:
                 if k in r.timings:
                     times[base(r.metric)][k].append(r.timings[k])
     if times:
-        md += [f"{h} Time per run (median seconds)", "",
-               "| metric | runs | allocator | prune | perplexity | zero-shot | whole run |",
-               "|---|---:|---:|---:|---:|---:|---:|"]
+        md += [
+            f"{h} Time per run (median seconds)",
+            "",
+            "| metric | runs | allocator | prune | perplexity | zero-shot | whole run |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for m, t in times.items():
-            cells = [f"{statistics.median(t[k]):.1f}" if t.get(k) else "-"
-                     for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s", "run")]
+            cells = [
+                f"{statistics.median(t[k]):.1f}" if t.get(k) else "-"
+                for k in ("plan_s", "prune_s", "eval_s", "zero_shot_s", "run")
+            ]
             md.append(f"| {m} | {len(t['run'])} | " + " | ".join(cells) + " |")
         md.append("")
     return md
@@ -211,15 +240,22 @@ def _runs(n: int) -> str:
 def _protocol_lines(group: Group) -> list[str]:
     """The settings shared by a group's runs, its dense baseline and its counts."""
     s = group.settings
-    md = [f"Model `{s.get('model')}`; calibration {s.get('nsamples')} x {s.get('seqlen')} tokens of "
-          f"`{s.get('calib')}` (seed {s.get('seed')}), mode {s.get('mode')}."]
+    md = [
+        f"Model `{s.get('model')}`; calibration {s.get('nsamples')} x {s.get('seqlen')} tokens of "
+        f"`{s.get('calib')}` (seed {s.get('seed')}), mode {s.get('mode')}."
+    ]
     p = group.dense.get("ppl")
     if p:
-        md.append(f"Perplexity on `{p['data']}` ({p['split']} split), {p['windows']} windows x {p['seqlen']} tokens "
-                  f"= {p['tokens']} tokens; dense **{fmt(p['ppl'])}**.")
+        md.append(
+            f"Perplexity on `{p['data']}` ({p['split']} split), {p['windows']} windows x {p['seqlen']} tokens "
+            f"= {p['tokens']} tokens; dense **{fmt(p['ppl'])}**."
+        )
     elif s.get("eval_data"):
-        md.append(f"Perplexity on `{s['eval_data']}`, windows of {s.get('eval_seqlen') or s.get('seqlen')} tokens"
-                  + (f", first {s['max_tokens']} tokens" if s.get("max_tokens") else "") + " (no dense baseline recorded).")
+        md.append(
+            f"Perplexity on `{s['eval_data']}`, windows of {s.get('eval_seqlen') or s.get('seqlen')} tokens"
+            + (f", first {s['max_tokens']} tokens" if s.get("max_tokens") else "")
+            + " (no dense baseline recorded)."
+        )
     ok = sum(r.status == "ok" for r in group.rows)
     text = f"{_runs(ok)} finished, {len(group.rows) - ok} failed"
     if group.repeated:
@@ -237,9 +273,14 @@ def _section(group: Group, out: Path, h: str, suffix: str) -> list[str]:
     md = [f"{h} Perplexity", "", results_table(rows, dense_ppl), ""]
     claims = comparisons(rows)
     if claims:
-        md += [f"{h} The papers' comparisons on these results", "",
-               "Each line counts the cells of the table above where the claim holds (lower perplexity).", "",
-               *claims, ""]
+        md += [
+            f"{h} The papers' comparisons on these results",
+            "",
+            "Each line counts the cells of the table above where the claim holds (lower perplexity).",
+            "",
+            *claims,
+            "",
+        ]
     md += _figures(rows, ok, dense_ppl, out, h, suffix)
     zs = zero_shot_table(rows, group.dense.get("zero_shot"))
     if zs:
@@ -264,8 +305,11 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
         md += [*_protocol_lines(groups[0]), legend, ""]
     else:
         runs = sum(len(g.rows) for g in groups)
-        md += [f"{_runs(runs)} under {len(groups)} protocols (model, calibration, mode or evaluation differ): "
-               "rows are comparable only within one protocol's section. " + legend, ""]
+        md += [
+            f"{_runs(runs)} under {len(groups)} protocols (model, calibration, mode or evaluation differ): "
+            "rows are comparable only within one protocol's section. " + legend,
+            "",
+        ]
     if notes is not None:
         md += [Path(notes).read_text(encoding="utf-8").rstrip(), ""]
     if len(groups) == 1:

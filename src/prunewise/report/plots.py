@@ -17,8 +17,9 @@ from .tables import ResultRow, col_name, columns, is_baseline, ordered
 PROFILE_PNG = "allocation.png"
 
 
-def plot_block_profile(blocks: list[float], target: float, path: Path, title: str = "",
-                       search: dict | None = None) -> Path:
+def plot_block_profile(
+    blocks: list[float], target: float, path: Path, title: str = "", search: dict | None = None
+) -> Path:
     """Per-block sparsity (parameter-weighted) as bars against the uniform target; with an
     allocator search, a second panel shows its criterion over the searched values."""
     panels = 2 if search else 1
@@ -52,22 +53,31 @@ def save_profile_plot(record: RunRecord, folder: Path) -> Path | None:
     if not record.allocation or record.target is None:
         return None
     cfg = record.config
-    return plot_block_profile(record.blocks, record.target, Path(folder) / PROFILE_PNG,
-                              f"{cfg['allocator']} / {cfg['metric']} / {cfg['pattern']}", record.search)
+    return plot_block_profile(
+        record.blocks,
+        record.target,
+        Path(folder) / PROFILE_PNG,
+        f"{cfg['allocator']} / {cfg['metric']} / {cfg['pattern']}",
+        record.search,
+    )
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 
 
-def merge_identical(series: list[tuple[str, list[float], list[float]]],
-                    rel: float = 1e-6) -> list[tuple[str, list[float], list[float]]]:
+def merge_identical(
+    series: list[tuple[str, list[float], list[float]]], rel: float = 1e-6
+) -> list[tuple[str, list[float], list[float]]]:
     """``(label, xs, ys)`` series with the same points (within ``rel``) drawn once, labelled with
     every name joined by `` = `` (first-seen order), so that no line hides another unnamed."""
     merged: list[tuple[str, list[float], list[float]]] = []
     for label, xs, ys in series:
         for k, (other, oxs, oys) in enumerate(merged):
-            if oxs == xs and len(oys) == len(ys) and all(abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
-                                                         for a, b in zip(ys, oys)):
+            if (
+                oxs == xs
+                and len(oys) == len(ys)
+                and all(abs(a - b) <= rel * max(abs(a), abs(b), 1e-12) for a, b in zip(ys, oys))
+            ):
                 merged[k] = (f"{other} = {label}", oxs, oys)
                 break
         else:
@@ -87,8 +97,14 @@ def plot_ppl_vs_sparsity(rows: list[ResultRow], metric: str, dense_ppl: float | 
         pts = sorted((r.target, r.ppl) for r in ok if r.allocator == a)
         series.append((a, [100 * x for x, _ in pts], [y for _, y in pts]))
     for k, (label, xs, ys) in enumerate(merge_identical(series)):  # distinct markers: close lines stay apart
-        ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=label, markersize=6 - (k % 3),
-                linestyle="--" if all(is_baseline(part) for part in label.split(" = ")) else "-")
+        ax.plot(
+            xs,
+            ys,
+            marker=MARKERS[k % len(MARKERS)],
+            label=label,
+            markersize=6 - (k % 3),
+            linestyle="--" if all(is_baseline(part) for part in label.split(" = ")) else "-",
+        )
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="grey", linewidth=0.8, linestyle=":", label=f"dense {dense_ppl:.2f}")
     ax.set_yscale("log")
@@ -120,8 +136,14 @@ def plot_allocator_profiles(rows: list[ResultRow], allocator: str, path: Path) -
         # allocations that coincide (OWL's does not depend on the metric) are one line named for all
         series = merge_identical([(r.metric, list(range(len(r.blocks))), r.blocks) for r in runs])
         for k, (label, xs, ys) in enumerate(series):
-            ax.plot(xs, ys, label=label, marker=MARKERS[k % len(MARKERS)], markersize=3,
-                    linestyle=("-", "--", "-.", ":")[k % 4])
+            ax.plot(
+                xs,
+                ys,
+                label=label,
+                marker=MARKERS[k % len(MARKERS)],
+                markersize=3,
+                linestyle=("-", "--", "-.", ":")[k % 4],
+            )
         ax.axhline(c[1], color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{col_name(c)}", fontsize=9)
         ax.set_xlabel("block")

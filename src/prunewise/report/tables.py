@@ -44,10 +44,21 @@ class ResultRow:
         target = rec.target
         if target is None:  # a failed run: the target its config asks for
             target = PruneConfig.from_dict(cfg).target
-        return cls(metric=cfg["metric"], allocator=cfg["allocator"], pattern=cfg["pattern"], target=target,
-                   status=status, sparsity=rec.sparsity, ppl=(rec.pruned or {}).get("ppl"),
-                   zero_shot=rec.zero_shot.get("pruned"), blocks=rec.blocks, search=rec.search, error=error,
-                   wall_s=rec.wall_s, timings=rec.timings)
+        return cls(
+            metric=cfg["metric"],
+            allocator=cfg["allocator"],
+            pattern=cfg["pattern"],
+            target=target,
+            status=status,
+            sparsity=rec.sparsity,
+            ppl=(rec.pruned or {}).get("ppl"),
+            zero_shot=rec.zero_shot.get("pruned"),
+            blocks=rec.blocks,
+            search=rec.search,
+            error=error,
+            wall_s=rec.wall_s,
+            timings=rec.timings,
+        )
 
 
 def base(spec: str) -> str:
@@ -97,8 +108,10 @@ def results_table(rows: list[ResultRow], dense_ppl: float | None) -> str:
     ok = [r for r in rows if r.status == "ok" and r.ppl is not None]
     cols = columns(ok)
     cell = {(r.metric, r.allocator, r.pattern, r.target): r.ppl for r in ok}
-    lines = ["| metric | allocator | " + " | ".join(col_name(c) for c in cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]
+    lines = [
+        "| metric | allocator | " + " | ".join(col_name(c) for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
     if dense_ppl is not None:
         lines.append("| dense | - | " + " | ".join(fmt(dense_ppl) for _ in cols) + " |")
     for metric in ordered([r.metric for r in ok], METRICS):
@@ -122,19 +135,26 @@ def zero_shot_table(rows: list[ResultRow], dense_zs: dict | None) -> str | None:
     if not zs:
         return None
     tasks = list((dense_zs or zs[0].zero_shot)["tasks"])
-    lines = ["| metric | allocator | pattern | sparsity | " + " | ".join(tasks) + " | mean acc | mean acc_norm |",
-             "|---|---|---|---:|" + "---:|" * (len(tasks) + 2)]
+    lines = [
+        "| metric | allocator | pattern | sparsity | " + " | ".join(tasks) + " | mean acc | mean acc_norm |",
+        "|---|---|---|---:|" + "---:|" * (len(tasks) + 2),
+    ]
 
     def line(name: str, alloc: str, pattern: str, sparsity: str, z: dict) -> str:
         accs = [pct(z["tasks"].get(t, {}).get("acc")) for t in tasks]
         avg = z.get("average", {})
-        return (f"| {name} | {alloc} | {pattern} | {sparsity} | " + " | ".join(accs)
-                + f" | {pct(avg.get('acc'))} | {pct(avg.get('acc_norm'))} |")
+        return (
+            f"| {name} | {alloc} | {pattern} | {sparsity} | "
+            + " | ".join(accs)
+            + f" | {pct(avg.get('acc'))} | {pct(avg.get('acc_norm'))} |"
+        )
 
     if dense_zs:
         lines.append(line("dense", "-", "-", "0", dense_zs))
-    for r in sorted(zs, key=lambda r: (r.nm, r.target, rank(r.metric, METRICS), r.metric,
-                                       rank(r.allocator, ALLOCATORS), r.allocator)):
+    for r in sorted(
+        zs,
+        key=lambda r: (r.nm, r.target, rank(r.metric, METRICS), r.metric, rank(r.allocator, ALLOCATORS), r.allocator),
+    ):
         lines.append(line(r.metric, r.allocator, r.pattern, f"{r.target:g}", r.zero_shot))
     return "\n".join(lines)
 
@@ -146,7 +166,9 @@ def pct(x: float | None) -> str:
 def ppl_table(rows: list[tuple[str, dict]]) -> str:
     lines = [f"{'model':<28} {'perplexity':>11}  {'data':<10} {'split':<12} {'seqlen':>6} {'tokens':>8}"]
     for label, e in rows:
-        lines.append(f"{label:<28} {e['ppl']:>11.3f}  {e['data']:<10} {e['split']:<12} {e['seqlen']:>6} {e['tokens']:>8}")
+        lines.append(
+            f"{label:<28} {e['ppl']:>11.3f}  {e['data']:<10} {e['split']:<12} {e['seqlen']:>6} {e['tokens']:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -187,10 +209,16 @@ def zero_shot_columns(columns: list[tuple[str, dict]]) -> str:
 
     lines = [head, sub]
     for t in tasks:
-        lines.append(f"{t:<{width}}" + "".join(f" {cell(z['tasks'][t], 'acc', 19)} {cell(z['tasks'][t], 'acc_norm', 8)}"
-                                            for _, z in columns))
-    lines.append(f"{'average':<{width}}" + "".join(f" {cell(z['average'], 'acc', 19)} {cell(z['average'], 'acc_norm', 8)}"
-                                               for _, z in columns))
+        lines.append(
+            f"{t:<{width}}"
+            + "".join(f" {cell(z['tasks'][t], 'acc', 19)} {cell(z['tasks'][t], 'acc_norm', 8)}" for _, z in columns)
+        )
+    lines.append(
+        f"{'average':<{width}}"
+        + "".join(f" {cell(z['average'], 'acc', 19)} {cell(z['average'], 'acc_norm', 8)}" for _, z in columns)
+    )
     n = columns[0][1]["tasks"][tasks[0]].get("samples")
-    lines.append(f"(0-shot, lm-eval {columns[0][1]['lm_eval']}; limit {columns[0][1]['limit']}; {n} examples in {tasks[0]})")
+    lines.append(
+        f"(0-shot, lm-eval {columns[0][1]['lm_eval']}; limit {columns[0][1]['limit']}; {n} examples in {tasks[0]})"
+    )
     return "\n".join(lines)

@@ -79,15 +79,28 @@ def evaluate_run(model: str, options: EvalOptions | None = None, **settings: Any
         raise PrunewiseError(f"seqlen: must be at least 2, got {seqlen}")
 
     def measure(load: Callable[[], tuple], ppl: bool, zs: bool) -> tuple[dict | None, dict | None]:
-        return _measure(load, cache_dir, data if ppl else None, seqlen,
-                        dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
-                        dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None)
+        return _measure(
+            load,
+            cache_dir,
+            data if ppl else None,
+            seqlen,
+            dict(max_tokens=max_tokens, batch_size=batch_size, device=device, progress=progress),
+            dict(tasks=tasks, include_path=include_path, limit=limit) if zs else None,
+        )
 
     def placed(spec: str) -> PruneConfig:  # what load_placed estimates: perplexity windows only
         data_free = METRICS.first(lambda e: not e.needs).name  # an estimate of evaluation alone: no calibration
-        return PruneConfig(model=spec, metric=data_free, dtype=dtype, stream="off" if tasks else stream,
-                           device=device, batch_size=batch_size, eval_data=data if want_ppl else None,
-                           eval_seqlen=seqlen, max_tokens=max_tokens)
+        return PruneConfig(
+            model=spec,
+            metric=data_free,
+            dtype=dtype,
+            stream="off" if tasks else stream,
+            device=device,
+            batch_size=batch_size,
+            eval_data=data if want_ppl else None,
+            eval_seqlen=seqlen,
+            max_tokens=max_tokens,
+        )
 
     result, acc = measure(lambda: load_placed(placed(model), cache_dir, trust_remote_code)[:2], want_ppl, bool(tasks))
     out = EvalOutput()
@@ -102,13 +115,18 @@ def evaluate_run(model: str, options: EvalOptions | None = None, **settings: Any
     dense_ppl = record.reusable("dense", result) if want_ppl else None
     dense_acc = record.reusable_zero_shot("dense", tasks, limit, include_path) if tasks else None
     if (want_ppl and dense_ppl is None) or (tasks and dense_acc is None):
-        d_ppl, d_acc = measure(lambda: load_dense_source(record, dtype, cache_dir, trust_remote_code,
-                                                         placed(dense_spec(record))),
-                               want_ppl and dense_ppl is None, bool(tasks) and dense_acc is None)
+        d_ppl, d_acc = measure(
+            lambda: load_dense_source(record, dtype, cache_dir, trust_remote_code, placed(dense_spec(record))),
+            want_ppl and dense_ppl is None,
+            bool(tasks) and dense_acc is None,
+        )
         dense_ppl, dense_acc = dense_ppl or d_ppl, dense_acc or d_acc
     cfg = record.config
     if want_ppl:
-        out.perplexity += [(f"dense {cfg['model']}", dense_ppl), (f"pruned ({cfg['metric']}, {record.sparsity:.3f})", result)]
+        out.perplexity += [
+            (f"dense {cfg['model']}", dense_ppl),
+            (f"pruned ({cfg['metric']}, {record.sparsity:.3f})", result),
+        ]
     if tasks:
         out.zero_shot += [("dense", dense_acc), ("pruned", acc)]
     _append_evaluation(record, path, dense_ppl, result, dense_acc, acc, tasks, limit)
@@ -121,8 +139,9 @@ def dense_spec(record: RunRecord) -> str:
     return src if kind in ("folder", "gguf") and src else record.config["model"]
 
 
-def load_dense_source(record: RunRecord, dtype: str, cache_dir: Path, trust_remote_code: bool = False,
-                      placed: PruneConfig | None = None):
+def load_dense_source(
+    record: RunRecord, dtype: str, cache_dir: Path, trust_remote_code: bool = False, placed: PruneConfig | None = None
+):
     """``(model, tokenizer)`` of a run's dense source, refused when its weights are not the record's
     (checked when loaded in the run's dtype: a fingerprint is of the weights as loaded); ``placed``
     streams it as :func:`load_placed` decides."""
@@ -135,8 +154,16 @@ def load_dense_source(record: RunRecord, dtype: str, cache_dir: Path, trust_remo
     return model, tok
 
 
-def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, ppl: dict | None,
-                       dense_acc: dict | None, acc: dict | None, tasks: str | None, limit: float | None) -> None:
+def _append_evaluation(
+    record: RunRecord,
+    folder: Path,
+    dense_ppl: dict | None,
+    ppl: dict | None,
+    dense_acc: dict | None,
+    acc: dict | None,
+    tasks: str | None,
+    limit: float | None,
+) -> None:
     """Add one evaluation to the run folder's record (append-only), so reports see it."""
     entry: dict[str, Any] = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if ppl is not None:
@@ -147,8 +174,14 @@ def _append_evaluation(record: RunRecord, folder: Path, dense_ppl: dict | None, 
     record.write(folder / RECORD)
 
 
-def _measure(load: Callable[[], tuple], cache_dir: Path, data: str | None, seqlen: int, kw: dict[str, Any],
-             zs: dict[str, Any] | None) -> tuple[dict | None, dict | None]:
+def _measure(
+    load: Callable[[], tuple],
+    cache_dir: Path,
+    data: str | None,
+    seqlen: int,
+    kw: dict[str, Any],
+    zs: dict[str, Any] | None,
+) -> tuple[dict | None, dict | None]:
     """``load()`` a model and its tokenizer and measure its perplexity on ``data`` and/or zero-shot
     accuracy (``zs``)."""
     model, tok = load()
@@ -159,6 +192,14 @@ def _measure(load: Callable[[], tuple], cache_dir: Path, data: str | None, seqle
     acc = None
     if zs is not None:
         model.to(kw["device"])
-        acc = zero_shot(model, tok, zs["tasks"], include_path=zs["include_path"], limit=zs["limit"],
-                        batch_size=kw["batch_size"], device=kw["device"], progress=kw["progress"])
+        acc = zero_shot(
+            model,
+            tok,
+            zs["tasks"],
+            include_path=zs["include_path"],
+            limit=zs["limit"],
+            batch_size=kw["batch_size"],
+            device=kw["device"],
+            progress=kw["progress"],
+        )
     return ppl, acc

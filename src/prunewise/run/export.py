@@ -17,8 +17,11 @@ from ..registry import Registry
 EXPORTERS = Registry("format")
 
 
-@EXPORTERS.register("safetensors", summary="dense safetensors checkpoint + tokenizer, in the model's dtype; "
-                    "loads with AutoModelForCausalLM.from_pretrained")
+@EXPORTERS.register(
+    "safetensors",
+    summary="dense safetensors checkpoint + tokenizer, in the model's dtype; "
+    "loads with AutoModelForCausalLM.from_pretrained",
+)
 def safetensors(model: nn.Module, tokenizer, folder: Path) -> None:
     if stream_of(model) is not None:  # its checkpoint is already on disk: moved (or copied) into place
         export(model, tokenizer, folder)

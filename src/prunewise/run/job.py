@@ -47,8 +47,11 @@ def allocator_needs(config: PruneConfig) -> tuple[str, ...]:
 def needs_calibration(config: PruneConfig) -> bool:
     """Whether the run reads calibration data (for its metric, its allocator's statistics or its driver)."""
     name, params = config.allocator_spec
-    return (bool(METRICS.get(config.metric_spec[0]).needs) or reads_calibration(allocator_needs(config))
-            or planner.driver_of(name, params) is not None)
+    return (
+        bool(METRICS.get(config.metric_spec[0]).needs)
+        or reads_calibration(allocator_needs(config))
+        or planner.driver_of(name, params) is not None
+    )
 
 
 def backup_weights(model: nn.Module, profile: Profile) -> dict[str, torch.Tensor]:
@@ -92,14 +95,20 @@ def eval_tokens(tokenizer, config: PruneConfig, cache_dir: Path) -> int:
 def placement_of(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, stream: str) -> Estimate:
     """The run's estimated peak memory over ``model`` and the mode ``stream`` resolves to."""
     eval_seqlen = config.eval_seqlen or config.seqlen
-    work = Workload(windows=config.nsamples if needs_calibration(config) else 0, seqlen=config.seqlen,
-                    batch_size=config.batch_size, hessians=wants_gram(METRICS.get(config.metric_spec[0]).needs),
-                    eval_windows=eval_tokens(tokenizer, config, cache_dir) // eval_seqlen, eval_seqlen=eval_seqlen)
+    work = Workload(
+        windows=config.nsamples if needs_calibration(config) else 0,
+        seqlen=config.seqlen,
+        batch_size=config.batch_size,
+        hessians=wants_gram(METRICS.get(config.metric_spec[0]).needs),
+        eval_windows=eval_tokens(tokenizer, config, cache_dir) // eval_seqlen,
+        eval_seqlen=eval_seqlen,
+    )
     return estimate(model, work, device=config.device, blocks_path=config.blocks_path, stream=stream)
 
 
-def load_placed(config: PruneConfig, cache_dir: Path, trust_remote_code: bool = False,
-                scratch: Path | None = None) -> tuple[nn.Module, Any, Any, Estimate]:
+def load_placed(
+    config: PruneConfig, cache_dir: Path, trust_remote_code: bool = False, scratch: Path | None = None
+) -> tuple[nn.Module, Any, Any, Estimate]:
     """``(model, tokenizer, source, placement)``: the model streamed from its checkpoint or loaded
     whole, as ``config.stream`` says (``auto``: streamed when the in-memory estimate does not fit
     in the memory this process may use, cgroup limits included). Only local safetensors folders
@@ -111,17 +120,27 @@ def load_placed(config: PruneConfig, cache_dir: Path, trust_remote_code: bool = 
         raise PrunewiseError(f"stream: --stream on reads a local safetensors folder; '{config.model}' is not one")
     if config.stream != "off" and folder is not None:
         try:
-            model, tok, source = load_model(config.model, config.dtype, cache_dir, stream=True,
-                                            trust_remote_code=trust_remote_code, blocks_path=config.blocks_path,
-                                            scratch_root=scratch)
+            model, tok, source = load_model(
+                config.model,
+                config.dtype,
+                cache_dir,
+                stream=True,
+                trust_remote_code=trust_remote_code,
+                blocks_path=config.blocks_path,
+                scratch_root=scratch,
+            )
         except PrunewiseError as exc:
             if config.stream == "on":
                 raise
             why, model = str(exc), None
         placement = None if model is None else placement_of(model, tok, config, cache_dir, config.stream)
         if placement is not None and placement.mode == "stream":
-            log.info("streaming %s: estimated peak %.2f GB on the host (%.2f GB loaded whole)", config.model,
-                     placement.host_stream / 1e9, placement.host_memory / 1e9)
+            log.info(
+                "streaming %s: estimated peak %.2f GB on the host (%.2f GB loaded whole)",
+                config.model,
+                placement.host_stream / 1e9,
+                placement.host_memory / 1e9,
+            )
             return model, tok, source, placement
         del model
     model, tok, source = load_model(config.model, config.dtype, cache_dir, trust_remote_code=trust_remote_code)
@@ -137,14 +156,14 @@ def check_inputs(model: nn.Module, config: PruneConfig) -> None:
         raise PrunewiseError(
             "tasks: zero-shot evaluation runs through lm-eval on the whole model in memory "
             f"({_model_gb(model):.1f} GB), which this run streams; drop --tasks and evaluate the saved run with "
-            "`prunewise eval --tasks ...` on a machine that holds it")
+            "`prunewise eval --tasks ...` on a machine that holds it"
+        )
     if needs_calibration(config):
         check_context(model, "seqlen", config.seqlen)
     if config.eval_data:
         check_context(model, "eval_seqlen", config.eval_seqlen or config.seqlen)
     if config.tasks:
         check_tasks(config.tasks, config.include_path)
-
 
 
 def calibration_ids(tokenizer, config: PruneConfig, cache_dir: Path) -> torch.Tensor:
@@ -174,9 +193,18 @@ class Job:
     cache_dir: Path
 
     @classmethod
-    def load(cls, config: PruneConfig, cache_dir: Path, *, runs: list[PruneConfig] | None = None,
-             trust_remote_code: bool = False, scratch: Path | None = None, expect: dict[str, Any] | None = None,
-             expected_by: str = "the record", backup: bool = False) -> Job:
+    def load(
+        cls,
+        config: PruneConfig,
+        cache_dir: Path,
+        *,
+        runs: list[PruneConfig] | None = None,
+        trust_remote_code: bool = False,
+        scratch: Path | None = None,
+        expect: dict[str, Any] | None = None,
+        expected_by: str = "the record",
+        backup: bool = False,
+    ) -> Job:
         """Load ``config.model`` and prepare it for ``runs`` (default: ``config`` alone): ``expect``
         (a record's ``source`` section) refuses other weights, every run's inputs are checked, the
         calibration windows read when any run needs them; ``backup`` keeps the dense weights."""
@@ -196,8 +224,15 @@ class Job:
         return self.identity["fingerprint"]
 
 
-def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: torch.Tensor | None,
-                 progress: bool, profile: Profile | None = None, model_key: str | None = None) -> StatContext:
+def stat_context(
+    model: nn.Module,
+    config: PruneConfig,
+    cache_dir: Path,
+    calib: torch.Tensor | None,
+    progress: bool,
+    profile: Profile | None = None,
+    model_key: str | None = None,
+) -> StatContext:
     """What statistic providers read for this run (the model as a block source, calibration ids, cache)."""
     source = make_source(model, config.blocks_path, config.device)
     metric, params = config.metric_spec
@@ -205,12 +240,19 @@ def stat_context(model: nn.Module, config: PruneConfig, cache_dir: Path, calib: 
         profile = build_profile(source)
         profile.metric = metric
         profile.pattern = config.pattern_obj
-    return StatContext(source, profile, cache_dir, calib, config.batch_size, METRICS.get(metric), params, progress,
-                       model_key)
+    return StatContext(
+        source, profile, cache_dir, calib, config.batch_size, METRICS.get(metric), params, progress, model_key
+    )
 
 
-def prune_allocated(model: nn.Module, config: PruneConfig, allocation: dict[str, float], calib: torch.Tensor | None,
-                    cache_dir: Path, progress: bool = True) -> PruneResult:
+def prune_allocated(
+    model: nn.Module,
+    config: PruneConfig,
+    allocation: dict[str, float],
+    calib: torch.Tensor | None,
+    cache_dir: Path,
+    progress: bool = True,
+) -> PruneResult:
     """Prune ``model`` in place with ``config``'s metric, pattern and pass at the per-layer targets
     ``allocation``; statistics the metric needs that the block loop does not collect (GBLM's
     gradients) come from their providers first (cached by content)."""
@@ -220,8 +262,9 @@ def prune_allocated(model: nn.Module, config: PruneConfig, allocation: dict[str,
     t0 = time.perf_counter()
     provided = provide(precomputed, stat_context(model, config, cache_dir, calib, progress)) if precomputed else {}
     provide_s = time.perf_counter() - t0
-    opts = PruneOptions(entry, params, allocation, config.pattern_obj, config.mode, config.propagate,
-                        config.batch_size, provided)
+    opts = PruneOptions(
+        entry, params, allocation, config.pattern_obj, config.mode, config.propagate, config.batch_size, provided
+    )
     result = prune_blocks(make_source(model, config.blocks_path, config.device), calib, opts, progress)
     if precomputed:
         result.timings["gradients_s"] = provide_s

@@ -42,9 +42,17 @@ from .trials import Executor, local_trials
 log = logging.getLogger(__name__)
 
 
-def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *, tokenizer=None,
-         calib: torch.Tensor | None = None, progress: bool = True, job: Job | None = None,
-         executor: Executor | None = None) -> Plan:
+def plan(
+    model: nn.Module,
+    config: PruneConfig,
+    cache_dir: Path | None = None,
+    *,
+    tokenizer=None,
+    calib: torch.Tensor | None = None,
+    progress: bool = True,
+    job: Job | None = None,
+    executor: Executor | None = None,
+) -> Plan:
     """The per-layer sparsity targets of ``config`` for ``model`` and how they were found; the model
     is left as it was. Allocators that read calibration data (OWL, MRP with Wanda scores) need
     ``tokenizer`` or ``calib``; drivers that prune trial models (ATP's search) need ``tokenizer``
@@ -59,14 +67,19 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
     driver = planner.driver_of(name, params)
     if calib is None and (reads_calibration(allocator_needs(config)) or driver is not None):
         if tokenizer is None:
-            raise ValueError(f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data "
-                             "(pass a tokenizer or calib)")
+            raise ValueError(
+                f"allocator '{name}' with metric '{config.metric_spec[0]}' needs calibration data "
+                "(pass a tokenizer or calib)"
+            )
         calib = calibration_ids(tokenizer, config, cache_dir)
     ctx = stat_context(model, config, cache_dir, calib, progress, model_key=job.fingerprint if job else None)
     trials = parallel = None
     if driver is not None:
-        backup = job.dense_weights if job is not None and job.dense_weights is not None else \
-            backup_weights(model, ctx.profile)
+        backup = (
+            job.dense_weights
+            if job is not None and job.dense_weights is not None
+            else backup_weights(model, ctx.profile)
+        )
         if executor is not None:
             parallel = executor.trials(config, cache_dir, ctx.fingerprint())
         trials = local_trials(model, tokenizer, config, calib, cache_dir, backup, parallel)
@@ -77,8 +90,14 @@ def plan(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *
             parallel.close()
 
 
-def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None, *,
-            calib: torch.Tensor | None = None, model_key: str | None = None) -> list[Work]:
+def preview(
+    model: nn.Module,
+    config: PruneConfig,
+    cache_dir: Path | None = None,
+    *,
+    calib: torch.Tensor | None = None,
+    model_key: str | None = None,
+) -> list[Work]:
     """The heavy steps :func:`plan` would take for ``config`` (calibration passes, SVDs, trial
     prunings), each with a rough duration or marked cached; computes nothing but two timings."""
     ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, False, model_key=model_key)
@@ -86,9 +105,16 @@ def preview(model: nn.Module, config: PruneConfig, cache_dir: Path | None = None
     return planner.preview(ctx, name, params, config.target, config.mode)
 
 
-def prune(model: nn.Module, tokenizer, config: PruneConfig, *, calib: torch.Tensor | None = None,
-          allocation: dict[str, float] | None = None, cache_dir: Path | None = None,
-          progress: bool = True) -> PruneResult:
+def prune(
+    model: nn.Module,
+    tokenizer,
+    config: PruneConfig,
+    *,
+    calib: torch.Tensor | None = None,
+    allocation: dict[str, float] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> PruneResult:
     """Prune ``model`` in place following ``config``.
 
     ``calib`` ([n, seqlen] token ids) replaces the calibration set of ``config``; ``allocation``
@@ -110,8 +136,16 @@ def _zero_shot_on(model: nn.Module, tokenizer, config: PruneConfig, progress: bo
     """Zero-shot accuracy on ``config.tasks`` with the whole model on ``config.device``."""
     model.to(config.device)
     try:
-        return zero_shot(model, tokenizer, config.tasks, include_path=config.include_path, limit=config.limit,
-                         batch_size=config.batch_size, device=config.device, progress=progress)
+        return zero_shot(
+            model,
+            tokenizer,
+            config.tasks,
+            include_path=config.include_path,
+            limit=config.limit,
+            batch_size=config.batch_size,
+            device=config.device,
+            progress=progress,
+        )
     finally:
         model.to("cpu")
 
@@ -124,8 +158,14 @@ class RunOutput:
     result: PruneResult | None
 
 
-def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, progress: bool = True,
-                   record: RunRecord | None = None) -> RunRecord:
+def evaluate_dense(
+    model: nn.Module,
+    tokenizer,
+    config: PruneConfig,
+    cache_dir: Path,
+    progress: bool = True,
+    record: RunRecord | None = None,
+) -> RunRecord:
     """Fill ``record.dense`` (perplexity) and ``record.zero_shot["dense"]`` as configured."""
     record = record if record is not None else RunRecord(config.to_dict())
     t0 = time.perf_counter()
@@ -140,24 +180,41 @@ def evaluate_dense(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: 
 
 
 def _eval_kwargs(config: PruneConfig, cache_dir: Path, progress: bool) -> dict[str, Any]:
-    return dict(seqlen=config.eval_seqlen or config.seqlen, max_tokens=config.max_tokens, device=config.device,
-                blocks_path=config.blocks_path, cache_dir=cache_dir, progress=progress)
+    return dict(
+        seqlen=config.eval_seqlen or config.seqlen,
+        max_tokens=config.max_tokens,
+        device=config.device,
+        blocks_path=config.blocks_path,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
 
 
-def prune_and_evaluate(job: Job, config: PruneConfig, *, dense: bool = True, dry_run: bool = False,
-                       progress: bool = True, executor: Executor | None = None,
-                       ) -> tuple[RunRecord, PruneResult | None]:
+def prune_and_evaluate(
+    job: Job,
+    config: PruneConfig,
+    *,
+    dense: bool = True,
+    dry_run: bool = False,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> tuple[RunRecord, PruneResult | None]:
     """Plan, (evaluate dense,) prune ``job``'s model in place with ``config`` and evaluate the
     pruned model; returns the run's record (without source, versions and totals, which the caller
     knows) and the engine's result. ``dense=False`` skips the dense evaluation (a sweep measures
     it once)."""
     model, tokenizer, cache_dir = job.model, job.tokenizer, job.cache_dir
     record = RunRecord(config.to_dict())
-    planned = plan(model, config, cache_dir, tokenizer=tokenizer, calib=job.calib, progress=progress, job=job,
-                   executor=executor)
+    planned = plan(
+        model, config, cache_dir, tokenizer=tokenizer, calib=job.calib, progress=progress, job=job, executor=executor
+    )
     allocation = planned.allocation
-    record.allocation = {"allocator": config.allocator, "wall_s": planned.wall_s,
-                         "blocks": block_profile(planned.profile, allocation), **planned.details}
+    record.allocation = {
+        "allocator": config.allocator,
+        "wall_s": planned.wall_s,
+        "blocks": block_profile(planned.profile, allocation),
+        **planned.details,
+    }
     record.timings["plan_s"] = planned.wall_s
     if dry_run:
         record.allocation["layers"] = [
@@ -168,8 +225,9 @@ def prune_and_evaluate(job: Job, config: PruneConfig, *, dense: bool = True, dry
     if dense:
         evaluate_dense(model, tokenizer, config, cache_dir, progress, record)
     t_prune = time.perf_counter()
-    result = prune(model, tokenizer, config, calib=job.calib, allocation=allocation, cache_dir=cache_dir,
-                   progress=progress)
+    result = prune(
+        model, tokenizer, config, calib=job.calib, allocation=allocation, cache_dir=cache_dir, progress=progress
+    )
     record.timings["prune_s"] = time.perf_counter() - t_prune
     record.pruning = _pruning_section(model, config, result, record.timings["prune_s"])
     if config.eval_data:
@@ -194,8 +252,14 @@ def _pruning_section(model: nn.Module, config: PruneConfig, result: PruneResult,
         "wall_s": wall_s,
         "timings": result.timings,
         "layers": [
-            {"name": r.name, "block": r.block, "shape": list(r.shape), "target": r.target,
-             "achieved": r.achieved, "zeros": r.zeros}
+            {
+                "name": r.name,
+                "block": r.block,
+                "shape": list(r.shape),
+                "target": r.target,
+                "achieved": r.achieved,
+                "zeros": r.zeros,
+            }
             for r in result.layers
         ],
     }
@@ -238,8 +302,7 @@ def run(config: PruneConfig, options: RunOptions | None = None, **settings: Any)
     if opts.dry_run and opts.on_preview is not None:
         opts.on_preview(preview(job.model, config, cache_dir, calib=job.calib, model_key=job.fingerprint))
     executor = opts.executor.with_options(trust_remote_code=opts.trust_remote_code)
-    record, result = prune_and_evaluate(job, config, progress=opts.progress, dry_run=opts.dry_run,
-                                        executor=executor)
+    record, result = prune_and_evaluate(job, config, progress=opts.progress, dry_run=opts.dry_run, executor=executor)
     record.source = job.identity
     record.versions = versions()
     record.timings["load_s"] = t_loaded - t_start

@@ -14,9 +14,9 @@ report and ``prunewise eval``. Sections:
 | ``pruning`` | calibration tokens, target, achieved sparsity, mask SHA-256, timings, per-layer counts |
 | ``dense``, ``pruned`` | perplexity with its protocol (data, split, seqlen, windows, tokens) |
 | ``zero_shot`` | ``{"dense": ..., "pruned": ...}`` lm-eval results |
-| ``timings``, ``wall_s``, ``memory`` | seconds of each part (load, plan, dense evaluation, prune, evaluation, zero-shot), the whole run, peak memory |
+| ``timings``, ``wall_s``, ``memory`` | seconds of each part (load, plan, dense evaluation, ...), the run, peak memory |
 | ``output`` | the exporter (``--format``) and folder, when the run was saved |
-| ``evaluations`` | every later ``prunewise eval`` of the run folder, appended: when, perplexity (dense and pruned, with protocol), zero-shot |
+| ``evaluations`` | every later ``prunewise eval`` of the run folder, appended: when, perplexity, zero-shot |
 
 ``schema`` is :data:`SCHEMA`. Records without one are schema 1 (prunewise 0.1 before this
 module); their sweep lines held the pruned perplexity under ``ppl`` and the mask digest, target
@@ -85,12 +85,18 @@ class RunRecord:
             return entry
         return None
 
-    def reusable_zero_shot(self, which: str, tasks: str | None, limit: float | None,
-                           include_path: str | None) -> dict[str, Any] | None:
+    def reusable_zero_shot(
+        self, which: str, tasks: str | None, limit: float | None, include_path: str | None
+    ) -> dict[str, Any] | None:
         """The recorded zero-shot results of ``which`` if they were measured on the same tasks."""
         entry = self.zero_shot.get(which)
         cfg = self.config
-        if entry and cfg.get("tasks") == tasks and cfg.get("limit") == limit and cfg.get("include_path") == include_path:
+        if (
+            entry
+            and cfg.get("tasks") == tasks
+            and cfg.get("limit") == limit
+            and cfg.get("include_path") == include_path
+        ):
             return entry
         return None
 
@@ -120,7 +126,9 @@ class RunRecord:
         data = dict(data)
         schema = data.get("schema", 1)
         if not isinstance(schema, int) or schema > SCHEMA:
-            raise PrunewiseError(f"record: schema {schema!r} is newer than this prunewise reads ({SCHEMA}); upgrade prunewise")
+            raise PrunewiseError(
+                f"record: schema {schema!r} is newer than this prunewise reads ({SCHEMA}); upgrade prunewise"
+            )
         if schema == 1 and "key" in data:  # a schema-1 sweep line
             data["pruned"] = data.pop("ppl", None)
             data["zero_shot"] = {"pruned": data["zero_shot"]} if data.get("zero_shot") else {}
@@ -155,8 +163,10 @@ class RunRecord:
             names = {f.name for f in dataclasses.fields(cls)} | {"schema"}
             unknown = sorted(set(data) - names)
             if unknown:
-                raise PrunewiseError(f"config: {path}: unknown top-level field(s) {', '.join(unknown)} "
-                                     f"(a run record has: {', '.join(sorted(names))})")
+                raise PrunewiseError(
+                    f"config: {path}: unknown top-level field(s) {', '.join(unknown)} "
+                    f"(a run record has: {', '.join(sorted(names))})"
+                )
         try:
             return cls.from_dict(data)
         except PrunewiseError as exc:

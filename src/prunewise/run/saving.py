@@ -54,7 +54,8 @@ def check_same_model(expected: dict[str, Any] | None, now: dict[str, str], what:
     if want and want != now["fingerprint"]:
         raise PrunewiseError(
             f"model: {now['path']} is not the model {what} was made from (weights sha256 {now['fingerprint'][:12]}… "
-            f"now, {want[:12]}… then, from {expected.get('path')})")
+            f"now, {want[:12]}… then, from {expected.get('path')})"
+        )
 
 
 def peak_memory() -> dict[str, float]:
@@ -90,15 +91,19 @@ def check_output_dir(out: Path, overwrite: bool = False, protect: tuple[Path | s
             raise PrunewiseError(f"out: {out} already exists; choose another folder or pass --overwrite")
         cwd = Path.cwd().resolve()
         if where == cwd or where in cwd.parents:
-            raise PrunewiseError(f"out: {out} is the current folder or holds it; --overwrite would replace it: "
-                                 "choose a folder of its own")
+            raise PrunewiseError(
+                f"out: {out} is the current folder or holds it; --overwrite would replace it: "
+                "choose a folder of its own"
+            )
         for kept in protect:
             if kept is None:
                 continue
             kept = Path(kept).resolve()
             if where == kept or where in kept.parents:
-                raise PrunewiseError(f"out: {out} holds {kept}, which this run reads; --overwrite would replace "
-                                     "it: choose another folder")
+                raise PrunewiseError(
+                    f"out: {out} holds {kept}, which this run reads; --overwrite would replace "
+                    "it: choose another folder"
+                )
     _check_creatable(out)
 
 
@@ -115,8 +120,9 @@ def _check_creatable(out: Path) -> None:
         raise PrunewiseError(f"out: cannot create {out} in {parent}: {exc.strerror or exc}") from None
 
 
-def save_run(model: nn.Module, tokenizer, out: Path, record: RunRecord, overwrite: bool = False,
-             format: str = "safetensors") -> Path:
+def save_run(
+    model: nn.Module, tokenizer, out: Path, record: RunRecord, overwrite: bool = False, format: str = "safetensors"
+) -> Path:
     """The checkpoint in ``format`` (:data:`prunewise.run.export.EXPORTERS`) and ``pruning.json``, all or
     nothing: written beside ``out`` and renamed into place (an old ``out`` is removed only after)."""
     out = Path(out)

@@ -53,8 +53,15 @@ class Executor:
         return RayTrials(config, cache_dir, fingerprint=fingerprint, **self.options)
 
 
-def local_trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.Tensor | None, cache_dir: Path,
-                 backup: dict[str, torch.Tensor], parallel=None) -> Trials:
+def local_trials(
+    model: nn.Module,
+    tokenizer,
+    config: PruneConfig,
+    calib: torch.Tensor | None,
+    cache_dir: Path,
+    backup: dict[str, torch.Tensor],
+    parallel=None,
+) -> Trials:
     """The model operations an allocator driver may use: prune as the run will, score on held-out
     calibration windows, re-measure statistics, restore the dense weights."""
     name = config.allocator_spec[0]
@@ -76,8 +83,15 @@ def local_trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.
         was_training = model.training
         model.eval()
         try:
-            return perplexity(model, ids, config.seqlen, device=config.device, bos_id=needs_bos(model, tokenizer),
-                              blocks_path=config.blocks_path, progress=False)["ppl"]
+            return perplexity(
+                model,
+                ids,
+                config.seqlen,
+                device=config.device,
+                bos_id=needs_bos(model, tokenizer),
+                blocks_path=config.blocks_path,
+                progress=False,
+            )["ppl"]
         finally:
             model.train(was_training)
 
@@ -88,8 +102,7 @@ def local_trials(model: nn.Module, tokenizer, config: PruneConfig, calib: torch.
         ctx = stat_context(model, config, cache_dir, calib, False, profile)
         profile.stats.update(provide(allocator_needs(config), ctx))
 
-    return Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup),
-                          parallel)
+    return Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup), parallel)
 
 
 def require_ray():
@@ -101,16 +114,22 @@ def require_ray():
 
 
 class Pool:
-    """Ray actors of one class (the sweep's workers, or the search's), each reserving ``threads`` CPUs or one GPU (``device`` cuda)."""
+    """Ray actors of one class (the sweep's workers, or the search's), each reserving ``threads`` CPUs
+    or one GPU (``device`` cuda)."""
 
-    def __init__(self, body: type, args: tuple, device: str, workers: int | None, address: str | None,
-                 threads: int | None):
+    def __init__(
+        self, body: type, args: tuple, device: str, workers: int | None, address: str | None, threads: int | None
+    ):
         ray = require_ray()
         self.ray = ray
         if not ray.is_initialized():
             env = {k: v for k, v in os.environ.items() if k.startswith("PRUNEWISE_")}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": env} if env else None)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env} if env else None,
+            )
         gpus = 1 if device.startswith("cuda") else 0
         if workers is None:
             available = ray.cluster_resources()
@@ -133,13 +152,20 @@ class Pool:
 class _RayTrialWorker:
     """The body of one Ray actor of ATP's search: the model, its calibration set, its trials."""
 
-    def __init__(self, config: dict, cache_dir: str, trust_remote_code: bool, threads: int | None,
-                 fingerprint: str | None):
+    def __init__(
+        self, config: dict, cache_dir: str, trust_remote_code: bool, threads: int | None, fingerprint: str | None
+    ):
         if threads:
             torch.set_num_threads(threads)
         cfg = PruneConfig.from_dict(config)
-        job = Job.load(cfg, Path(cache_dir), trust_remote_code=trust_remote_code, expected_by="the search",
-                       expect={"fingerprint": fingerprint, "path": cfg.model}, backup=True)
+        job = Job.load(
+            cfg,
+            Path(cache_dir),
+            trust_remote_code=trust_remote_code,
+            expected_by="the search",
+            expect={"fingerprint": fingerprint, "path": cfg.model},
+            backup=True,
+        )
         self.trials = local_trials(job.model, job.tokenizer, cfg, job.calib, Path(cache_dir), job.dense_weights)
 
     def score(self, allocation: dict[str, float], windows: int) -> float:
@@ -153,11 +179,25 @@ class _RayTrialWorker:
 class RayTrials(Pool):
     """Trial scoring for allocator searches (ATP's β) on Ray actors, one model each."""
 
-    def __init__(self, config: PruneConfig, cache_dir: Path, *, fingerprint: str | None,
-                 trust_remote_code: bool = False, workers: int | None = None, address: str | None = None,
-                 threads: int | None = None):
-        super().__init__(_RayTrialWorker, (config.to_dict(), str(cache_dir), trust_remote_code, threads, fingerprint),
-                         config.device, workers, address, threads)
+    def __init__(
+        self,
+        config: PruneConfig,
+        cache_dir: Path,
+        *,
+        fingerprint: str | None,
+        trust_remote_code: bool = False,
+        workers: int | None = None,
+        address: str | None = None,
+        threads: int | None = None,
+    ):
+        super().__init__(
+            _RayTrialWorker,
+            (config.to_dict(), str(cache_dir), trust_remote_code, threads, fingerprint),
+            config.device,
+            workers,
+            address,
+            threads,
+        )
 
     def __call__(self, allocations: list[dict[str, float]], windows: int) -> list[float]:
         refs = [self.actors[i % len(self.actors)].score.remote(a, windows) for i, a in enumerate(allocations)]

@@ -32,7 +32,7 @@ def clean_stale(target: Path) -> list[Path]:
     target = Path(target)
     removed = []
     for path in target.parent.glob(f".{target.name}.*-*-*"):
-        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        kind, _, rest = path.name[len(target.name) + 2 :].partition("-")
         pid = rest.partition("-")[0]
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
             if kind == "old" and not target.exists() and (path / target.name).exists():

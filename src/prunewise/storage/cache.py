@@ -87,13 +87,23 @@ def _write(path: Path, kind: str, key: str, value: Any) -> None:
     if not single and not (isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())):
         raise TypeError(f"cache '{kind}' stores a tensor or a dict of tensors, not {type(value).__name__}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ({_SINGLE: value} if single else value).items()}
-    meta = {"format": FORMAT, "kind": kind, "key": key, "layout": "tensor" if single else "dict",
-            "sha256": _checksum(tensors)}
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "key": key,
+        "layout": "tensor" if single else "dict",
+        "sha256": _checksum(tensors),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def cached_lazy(cache_dir: Path | None, kind: str, key: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                fill: Callable[[Callable[[str, torch.Tensor], None]], None]) -> Mapping[str, torch.Tensor]:
+def cached_lazy(
+    cache_dir: Path | None,
+    kind: str,
+    key: str,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    fill: Callable[[Callable[[str, torch.Tensor], None]], None],
+) -> Mapping[str, torch.Tensor]:
     """:func:`cached` for a dict of tensors too large to hold at once (a streamed model's gradient
     statistics): ``fill(put)`` calls ``put(name, tensor)`` for every tensor of ``specs`` as it is
     computed, in any order, into a file laid out up front; the entry is then read one tensor at a
@@ -112,8 +122,12 @@ def cached_lazy(cache_dir: Path | None, kind: str, key: str, specs: list[tuple[s
     folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         placeholder = "0" * 64
-        writer = ShardWriter(folder, specs, max_shard_bytes=1 << 62,
-                             metadata={"format": FORMAT, "kind": kind, "key": key, "layout": "dict", "sha256": placeholder})
+        writer = ShardWriter(
+            folder,
+            specs,
+            max_shard_bytes=1 << 62,
+            metadata={"format": FORMAT, "kind": kind, "key": key, "layout": "dict", "sha256": placeholder},
+        )
         try:
             fill(writer.put)
         finally:

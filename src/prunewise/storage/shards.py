@@ -16,9 +16,20 @@ import torch
 
 from ..errors import PrunewiseError
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
@@ -78,8 +89,10 @@ class Checkpoint:
         elif (self.folder / SINGLE).is_file():
             files = [SINGLE]
         else:
-            raise PrunewiseError(f"cannot stream {self.folder}: it holds no safetensors weights ({SINGLE} or {INDEX}); "
-                                 "convert it with save_pretrained, or load it whole with --stream off")
+            raise PrunewiseError(
+                f"cannot stream {self.folder}: it holds no safetensors weights ({SINGLE} or {INDEX}); "
+                "convert it with save_pretrained, or load it whole with --stream off"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
             self.tensors.update(read_header(self.folder / f))
@@ -142,8 +155,13 @@ class ShardWriter:
     ``max_shard_bytes``. Each shard's header is written when the writer opens, each tensor at its
     offset by :meth:`put`; :meth:`close` checks that every tensor arrived and writes the index."""
 
-    def __init__(self, folder: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = SHARD_BYTES, metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         size = 0
@@ -154,15 +172,22 @@ class ShardWriter:
                 size = 0
             shards[-1].append((name, dtype, shape, nbytes))
             size += nbytes
-        self.files = [SINGLE] if len(shards) == 1 else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                         for k in range(len(shards))]
+        self.files = (
+            [SINGLE]
+            if len(shards) == 1
+            else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        )
         self.where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self.handles = []
         self.total = 0
         for k, shard in enumerate(shards):
             header, offset = {}, 0
             for name, dtype, shape, nbytes in shard:
-                header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {
+                    "dtype": ST_NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             header["__metadata__"] = {"format": "pt", **(metadata or {})}
             raw = json.dumps(header, separators=(",", ":")).encode()
@@ -181,8 +206,9 @@ class ShardWriter:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         k, offset, dtype, shape = self.where[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise PrunewiseError(f"internal: {name} arrived as {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"planned {dtype} {shape}")
+            raise PrunewiseError(
+                f"internal: {name} arrived as {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         fh = self.handles[k]
         fh.seek(offset)
@@ -193,12 +219,14 @@ class ShardWriter:
         for fh in self.handles:
             fh.close()
         if self.pending:
-            raise PrunewiseError(f"internal: {len(self.pending)} tensors were never written "
-                                 f"(first: {sorted(self.pending)[0]})")
+            raise PrunewiseError(
+                f"internal: {len(self.pending)} tensors were never written (first: {sorted(self.pending)[0]})"
+            )
         if len(self.files) > 1:
             weight_map = {name: self.files[k] for name, (k, *_) in self.where.items()}
-            (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
-                                                         "weight_map": weight_map}, indent=2))
+            (self.folder / INDEX).write_text(
+                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2)
+            )
 
     def abort(self) -> None:
         for fh in self.handles:

@@ -60,8 +60,9 @@ class _RayWorker:
     def __init__(self, base: dict, todo: list[dict], cache_dir: str, trust_remote_code: bool, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.worker = SweepWorker(PruneConfig.from_dict(base), [PruneConfig.from_dict(c) for c in todo],
-                                  Path(cache_dir), trust_remote_code)
+        self.worker = SweepWorker(
+            PruneConfig.from_dict(base), [PruneConfig.from_dict(c) for c in todo], Path(cache_dir), trust_remote_code
+        )
 
     def source(self) -> dict[str, str]:
         return self.worker.source
@@ -80,10 +81,25 @@ class _RayWorker:
 class RayExecutor(Pool):
     """``workers`` Ray actors; runs handed out as actors free up, a dead worker's run retried once."""
 
-    def __init__(self, base: PruneConfig, todo: list[PruneConfig], cache_dir: Path, trust_remote_code: bool, *,
-                 workers: int | None = None, address: str | None = None, threads: int | None = None):
-        super().__init__(_RayWorker, (base.to_dict(), [c.to_dict() for c in todo], str(cache_dir), trust_remote_code,
-                                      threads), base.device, workers, address, threads)
+    def __init__(
+        self,
+        base: PruneConfig,
+        todo: list[PruneConfig],
+        cache_dir: Path,
+        trust_remote_code: bool,
+        *,
+        workers: int | None = None,
+        address: str | None = None,
+        threads: int | None = None,
+    ):
+        super().__init__(
+            _RayWorker,
+            (base.to_dict(), [c.to_dict() for c in todo], str(cache_dir), trust_remote_code, threads),
+            base.device,
+            workers,
+            address,
+            threads,
+        )
         try:
             self.source = self.ray.get(self.actors[0].source.remote())
         except self.ray.exceptions.RayError as exc:  # the model did not load there: one line, as locally
@@ -121,12 +137,19 @@ class RayExecutor(Pool):
 
 
 def _failed(config: PruneConfig, key: str, error: str) -> dict[str, Any]:
-    return {"key": key, "kind": "run", "status": "failed", "error": error, "finished": now(),
-            **RunRecord(config.to_dict()).summary()}
+    return {
+        "key": key,
+        "kind": "run",
+        "status": "failed",
+        "error": error,
+        "finished": now(),
+        **RunRecord(config.to_dict()).summary(),
+    }
 
 
-def make_executor(executor: Executor, base: PruneConfig, todo: list[PruneConfig], cache_dir: Path,
-                  trust_remote_code: bool):
+def make_executor(
+    executor: Executor, base: PruneConfig, todo: list[PruneConfig], cache_dir: Path, trust_remote_code: bool
+):
     """The sweep executor ``executor`` names, holding the models that run ``todo``."""
     if executor.name == "ray":
         return RayExecutor(base, todo, cache_dir, trust_remote_code, **executor.options)

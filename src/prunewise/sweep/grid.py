@@ -21,8 +21,19 @@ AXES = ("metric", "allocator", "sparsity", "pattern")
 
 
 # Fields of the dense baseline's key: what changes the dense numbers.
-DENSE_FIELDS = ("model", "dtype", "device", "batch_size", "eval_data", "eval_seqlen", "seqlen", "max_tokens",
-                "tasks", "include_path", "limit")
+DENSE_FIELDS = (
+    "model",
+    "dtype",
+    "device",
+    "batch_size",
+    "eval_data",
+    "eval_seqlen",
+    "seqlen",
+    "max_tokens",
+    "tasks",
+    "include_path",
+    "limit",
+)
 
 
 def _as_list(value: Any) -> list:
@@ -80,8 +91,13 @@ class Sweep:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metrics, "allocator": self.allocators, "sparsity": self.sparsities,
-                "pattern": self.patterns, **{k: v for k, v in self.base.to_dict().items() if k not in AXES}}
+        return {
+            "metric": self.metrics,
+            "allocator": self.allocators,
+            "sparsity": self.sparsities,
+            "pattern": self.patterns,
+            **{k: v for k, v in self.base.to_dict().items() if k not in AXES},
+        }
 
     def expand(self) -> tuple[list[PruneConfig], list[tuple[dict[str, Any], str]]]:
         """The runs in grid order (pattern, sparsity, metric, allocator), and the skipped combinations."""
@@ -95,11 +111,16 @@ class Sweep:
             ):
                 alloc_name, _ = parse_spec(allocator, "allocator")
                 if is_nm and not ALLOCATORS.get(alloc_name).nm:
-                    skipped.append(({"metric": metric, "allocator": allocator, "pattern": pattern},
-                                    f"'{alloc_name}' needs an unstructured pattern"))
+                    skipped.append(
+                        (
+                            {"metric": metric, "allocator": allocator, "pattern": pattern},
+                            f"'{alloc_name}' needs an unstructured pattern",
+                        )
+                    )
                     continue
-                config = self.base.replace(metric=metric, allocator=allocator, sparsity=sparsity,
-                                           pattern=pattern).validate()
+                config = self.base.replace(
+                    metric=metric, allocator=allocator, sparsity=sparsity, pattern=pattern
+                ).validate()
                 key = run_key(config)
                 if key not in seen:
                     seen.add(key)

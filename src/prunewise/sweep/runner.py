@@ -70,14 +70,22 @@ def _pending(sweep: Sweep, out: Path, retry_failed: bool) -> tuple[list[PruneCon
     a torn last line of results.jsonl closed)."""
     runs, skipped = sweep.expand()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SPEC, json.dumps({"sweep": sweep.to_dict(), "runs": len(runs),
-                                              "skipped": [{**c, "reason": r} for c, r in skipped]}, indent=2) + "\n")
+    atomic_write_text(
+        out / SPEC,
+        json.dumps(
+            {"sweep": sweep.to_dict(), "runs": len(runs), "skipped": [{**c, "reason": r} for c, r in skipped]}, indent=2
+        )
+        + "\n",
+    )
     results_path = out / RESULTS
     if results_path.is_file() and not results_path.read_bytes().endswith(b"\n"):
         with open(results_path, "ab") as fh:  # a torn last line (killed mid-write) stays on its own line
             fh.write(b"\n")
-    done = {row["key"] for row in read_results(results_path)
-            if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed)}
+    done = {
+        row["key"]
+        for row in read_results(results_path)
+        if row.get("status") == "ok" or (row.get("status") == "failed" and not retry_failed)
+    }
     return runs, skipped, done
 
 
@@ -128,8 +136,9 @@ def _locked(out: Path):
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise PrunewiseError(f"sweep: {out} is in use by another sweep ({holder}); wait for it to finish "
-                                 "or use another --out") from None
+            raise PrunewiseError(
+                f"sweep: {out} is in use by another sweep ({holder}); wait for it to finish or use another --out"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
@@ -158,8 +167,9 @@ def _run_sweep(sweep: Sweep, out: Path, opts: SweepOptions) -> SweepSummary:
     dkey = dense_key(base)
     need_dense = (base.eval_data or base.tasks) and dkey not in done
     if todo or need_dense:
-        worker = make_executor(opts.executor, base, todo or [base], resolve_cache_dir(opts.cache_dir),
-                               opts.trust_remote_code)
+        worker = make_executor(
+            opts.executor, base, todo or [base], resolve_cache_dir(opts.cache_dir), opts.trust_remote_code
+        )
         try:
             _check_model(out, worker.source)
             if need_dense:
@@ -180,5 +190,3 @@ def _run_sweep(sweep: Sweep, out: Path, opts: SweepOptions) -> SweepSummary:
             worker.close()
     summary.wall_s = time.perf_counter() - t_start
     return summary
-
-

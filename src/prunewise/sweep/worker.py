@@ -39,10 +39,17 @@ class SweepWorker:
         """The dense baseline (perplexity, zero-shot) of the base settings, measured once."""
         t0 = time.perf_counter()
         dense = evaluate_dense(self.model, self.tokenizer, self.base, self.cache_dir, progress)
-        return {"key": key, "kind": "dense", "status": "ok", "finished": now(),
-                "config": {k: getattr(self.base, k) for k in DENSE_FIELDS},
-                "ppl": dense.dense, "zero_shot": dense.zero_shot.get("dense"),
-                "wall_s": time.perf_counter() - t0, **self.common}
+        return {
+            "key": key,
+            "kind": "dense",
+            "status": "ok",
+            "finished": now(),
+            "config": {k: getattr(self.base, k) for k in DENSE_FIELDS},
+            "ppl": dense.dense,
+            "zero_shot": dense.zero_shot.get("dense"),
+            "wall_s": time.perf_counter() - t0,
+            **self.common,
+        }
 
     def run(self, config: PruneConfig, key: str, save_to: Path | None = None) -> tuple[dict[str, Any], RunRecord]:
         """One run from the dense weights; a failure is recorded in the line, never raised."""
@@ -58,8 +65,13 @@ class SweepWorker:
                 save_profile_plot(record, save_to)
             row["status"] = "ok"
         except Exception as exc:  # recorded, and the sweep goes on
-            row.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(limit=-3)})
+            row.update(
+                {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=-3),
+                }
+            )
             log.debug("run %s failed", key, exc_info=True)
         self._stamp(record, t0)
         row.update(finished=now(), **record.summary())

@@ -33,8 +33,9 @@ def documents(size: int = 400, seed: int = 0) -> list[dict]:
     for i in order[:size]:
         prev, first, second, article = items[i]
         n = len(second.split())
-        pool = [j for j in range(len(items)) if j != i and abs(len(items[j][2].split()) - n) <= 2
-                and items[j][2] != second]
+        pool = [
+            j for j in range(len(items)) if j != i and abs(len(items[j][2].split()) - n) <= 2 and items[j][2] != second
+        ]
         same = [j for j in pool if items[j][3] == article]
         pool = same if len(same) >= 3 else pool
         if len(pool) < 3:
