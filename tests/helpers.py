@@ -113,7 +113,9 @@ def last_block_output(model, ids):
     return grabbed[0]
 
 
-def sharded_checkpoint(folder: Path, *, layers: int = 4, max_shard_bytes: int = 200_000, tied: bool = False) -> Path:
+def sharded_checkpoint(
+    folder: Path, *, layers: int = 4, max_shard_bytes: int = 200_000, tied: bool = False, seed: int = 0
+) -> Path:
     """A random-init LLaMA of hidden width 64 written shard by shard (``random_checkpoint``), with
     the tiny tokenizer: the hostile-case probes' ``m/sh4`` (4 layers, several shards, untied head)."""
     from prunewise.model.streaming import random_checkpoint
@@ -129,4 +131,4 @@ def sharded_checkpoint(folder: Path, *, layers: int = 4, max_shard_bytes: int = 
         max_position_embeddings=256,
         tie_word_embeddings=tied,
     )
-    return random_checkpoint(folder, config, tokenizer=tok, max_shard_bytes=max_shard_bytes)
+    return random_checkpoint(folder, config, tokenizer=tok, max_shard_bytes=max_shard_bytes, seed=seed)

@@ -216,6 +216,22 @@ class PruneConfig:
             )
         return self
 
+    @classmethod
+    def check_types(cls, data: dict[str, Any]) -> None:
+        """Check that every known field of ``data`` has its declared type (``str``, ``int``,
+        ``float``, or null where allowed); raise :class:`ConfigError` naming the first that does not.
+        Unknown fields are left to :meth:`from_dict`; values are left to :meth:`validate`."""
+        kinds = {"str": (str,), "int": (int,), "float": (int, float), "None": (type(None),)}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            allowed = tuple(t for part in str(f.type).split("|") for t in kinds.get(part.strip(), ()))
+            value = data[f.name]
+            if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+                words = {"str": "a string", "int": "an integer", "float": "a number", "None": "null"}
+                names = " or ".join(words.get(part.strip(), part.strip()) for part in str(f.type).split("|"))
+                raise ConfigError(f"{f.name}: must be {names}, got {value!r}")
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

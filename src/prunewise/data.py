@@ -115,6 +115,19 @@ def _hub_dataset(*args, **kwargs):
         ) from None
 
 
+def check_source(source: str) -> None:
+    """Fail now, with the line :func:`load_text` would give later, when ``source`` cannot be read:
+    an unknown name, a missing or unreadable ``file:`` (read here: it is read again when used), the
+    bundled text's package missing. Hub sources are checked when loaded."""
+    src = (source or "").strip()
+    if src == "wiki":
+        _wiki_file()
+    elif src.startswith("file:"):
+        _read_files(Path(src[5:]).expanduser())
+    elif src not in ("c4", "wikitext2"):
+        raise PrunewiseError(f"data: unknown source '{source}' (choices: {', '.join(SOURCES)})")
+
+
 def load_text(source: str, role: str) -> Text:
     """Resolve a data source for ``role`` = ``"calibration"`` or ``"evaluation"``."""
     src = (source or "").strip()

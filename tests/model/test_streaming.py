@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from helpers import make_tokenizer, tiny_config
+from helpers import make_tokenizer, sharded_checkpoint, tiny_config
+from prunewise.cli import main
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
 from prunewise.model.loading import bundled_model_dir, load_model, load_skeleton
@@ -370,3 +371,107 @@ def test_bundled_model_streamed_equals_in_memory(tmp_path, metric, allocator):
         shutil.copytree(bundled_model_dir("smollm2-135m", default_cache_dir()).parent, cache / "models")
         records.append(run(config(mode), out=tmp_path / mode, cache_dir=cache, progress=False).record)
     _assert_same(tmp_path, *records)
+
+
+def test_a_tied_random_checkpoint_writes_the_embedding_and_streams(tmp_path):
+    """Issue 22 case 9: tied embeddings are written under the embedding's name, as save_pretrained does."""
+    folder = sharded_checkpoint(tmp_path / "tied", tied=True)
+    names = set(Checkpoint(folder).tensors)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    model = load_skeleton(folder)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    whole = AutoModelForCausalLM.from_pretrained(folder)
+    assert model_fingerprint(model) == model_fingerprint(whole)
+
+
+def test_a_checkpoint_replaced_during_a_run_is_refused_naming_the_shard(tmp_path, text, monkeypatch, capsys):
+    """Issue 22 case 2: a shard replaced while an OWL run streams is refused, naming the file."""
+    from prunewise.allocation import statistics
+
+    src = sharded_checkpoint(tmp_path / "sh4")
+    other = sharded_checkpoint(tmp_path / "other", seed=1)  # same shapes, other weights
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    real = statistics.dense_input_norms
+
+    def then_replace(*args, **kwargs):
+        out = real(*args, **kwargs)
+        os.replace(other / shards[2].name, shards[2])  # after the dense pass, before the prune walk
+        return out
+
+    monkeypatch.setattr(statistics, "dense_input_norms", then_replace)
+    argv = [
+        "prune",
+        "--model",
+        str(src),
+        "--metric",
+        "wanda",
+        "--allocator",
+        "owl",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+        "--no-eval",
+        "--stream",
+        "on",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[2]} changed on disk" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".prunewise-stream*"))
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+@pytest.mark.parametrize("when", ["up front", "while writing"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, text, monkeypatch, capsys, when):
+    """Issue 22 case 4: no room for the pruned checkpoint is one line naming the folder and the
+    space needed, checked before the first block (and met while writing: the scratch is removed)."""
+    src = sharded_checkpoint(tmp_path / "sh4", layers=4)
+    small = tmp_path / "small"
+    if not _tmpfs(small, "300k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        if when == "while writing":  # the up-front check passes, the disk fills while blocks are written
+            from prunewise.model import streaming
+
+            monkeypatch.setattr(streaming.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+        argv = [
+            "prune",
+            "--model",
+            str(src),
+            "--metric",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--no-eval",
+            "--stream",
+            "on",
+            "--out",
+            str(small / "run"),
+            "-q",
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "disk: the pruned checkpoint needs" in err and str(small) in err and err.count("\n") == 1
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

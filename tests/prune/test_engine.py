@@ -210,3 +210,31 @@ def test_two_pass_matches_full_forward_reference(arch, calib):
             w.masked_fill_(mask, 0)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(a == 0, b == 0), n
+
+
+def test_nan_weights_keep_exact_counts_and_are_named(calib, caplog):
+    """Issue 22 case 3: 8 NaNs in one weight make the dense block's later activations NaN; every
+    layer still loses exactly its count (NaN scores first, so the NaN weights go), and a warning
+    names the layers with non-finite weights and those with non-finite input statistics."""
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        blocks[1].self_attn.q_proj.weight[0, :8] = float("nan")
+    cfg = pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=6, seqlen=24)
+    with caplog.at_level("WARNING", logger="prunewise"):
+        result = pw.prune(model, None, cfg, calib=calib, progress=False)
+    assert all(r.zeros == int(0.5 * r.numel + 0.5) for r in result.layers)
+    assert result.sparsity == 0.5
+    text = caplog.text
+    assert "non-finite weights" in text and "model.layers.1.self_attn.q_proj" in text
+    assert "non-finite input statistics" in text and "model.layers.1.self_attn.o_proj" in text
+    assert torch.isfinite(blocks[1].self_attn.q_proj.weight).all()  # the NaN weights were pruned first
+
+
+def test_a_layer_pruned_below_its_target_is_an_error(calib, monkeypatch):
+    """A run whose masks miss the target never ends quietly (issue 22 case 3)."""
+    from prunewise.prune import engine
+
+    monkeypatch.setattr(engine, "make_mask", lambda scores, *a: torch.zeros_like(scores, dtype=torch.bool))
+    with pytest.raises(PrunewiseError, match="pruned below their target"):
+        pw.prune(tiny_model("llama"), None, pw.PruneConfig(metric="wanda", sparsity=0.5), calib=calib, progress=False)

@@ -154,3 +154,17 @@ def test_selection_equals_stable_sort(rows, cols, levels, seed, data):
     flat = torch.zeros(rows * cols, dtype=torch.bool)
     flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
     assert torch.equal(lowest_in_matrix(scores, k), flat.view(rows, cols))
+
+
+def test_nan_scores_keep_exact_counts_and_go_first():
+    """Issue 22 case 3: a NaN score compares with nothing; selection still removes exactly the
+    target count, NaN positions first."""
+    scores = torch.arange(1.0, 17.0).reshape(2, 8)
+    scores[0, 5] = float("nan")
+    scores[1, :] = float("nan")  # a row of NaN activations: ties broken by position
+    mask = make_mask(scores, 0.25, Pattern(), "row")
+    assert mask.sum(1).tolist() == [2, 2]
+    assert mask[0].nonzero().flatten().tolist() == [0, 5] and mask[1].nonzero().flatten().tolist() == [0, 1]
+    assert make_mask(scores, 0.25, Pattern(), "matrix").sum() == 4
+    nm = make_mask(scores, 0.5, Pattern(n=2, m=4), "row")
+    assert nm.reshape(2, 2, 4).sum(2).tolist() == [[2, 2], [2, 2]] and nm[0, 5]

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -51,26 +50,28 @@ def test_the_lock_not_the_pid_decides(tmp_path):
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
 def test_a_run_in_another_pid_namespace_keeps_its_scratch(tmp_path):
+    """Issue 22 case 1: a run in another PID namespace (another container) shares the folder; its pid
+    names no process here, and its scratch folder stays for as long as it runs."""
     code = (
-        "import sys, time; from pathlib import Path; from prunewise.storage.atomic import scratch_folder; "
-        "s = scratch_folder(Path(sys.argv[1]), 'prunewise-stream'); print(s.path, flush=True); time.sleep(60)"
+        "import sys; from pathlib import Path; from prunewise.storage.atomic import scratch_folder; "
+        "s = scratch_folder(Path(sys.argv[1]), 'prunewise-stream'); print(s.path, flush=True); sys.stdin.read()"
     )
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare --pid is not allowed here: {probe.stderr.decode()[:100]}")
     other = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, str(tmp_path)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         held = tmp_path / os.path.basename(other.stdout.readline().strip())
-        assert held.is_dir()
+        assert held.name.startswith(".prunewise-stream.tmp-") and held.is_dir()
         assert clean_stale(tmp_path / "prunewise-stream") == [] and held.is_dir()  # its pid means nothing here
     finally:
-        other.kill()
-        other.wait()
-    time.sleep(0.2)
+        other.stdin.close()  # the run ends
+        other.wait(timeout=30)
     assert clean_stale(tmp_path / "prunewise-stream") == [held]
 
 

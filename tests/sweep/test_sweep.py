@@ -336,3 +336,23 @@ def test_identical_plot_series_are_drawn_once_with_every_name():
         ("x", [0], [0.5]),
     ]
     assert len(merge_identical(series, rel=0.0)) == 4  # sparsegpt differs by 1e-9 when nothing is tolerated
+
+
+def test_a_foreign_line_in_the_middle_of_the_results_is_refused(tokenizer, text, tmp_path):
+    """Issue 22 case 11: every line's fingerprint is checked, not only the first's."""
+    from prunewise.run.results import RESULTS
+
+    src = tmp_path / "m"
+    tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    base = PruneConfig(model=str(src), calib=f"file:{text}", nsamples=4, seqlen=32)
+    grid = Sweep(base=base, metrics=["magnitude"], sparsities=[0.5, 0.6])
+    run_sweep(grid, tmp_path / "s", progress=False)
+    lines = (tmp_path / "s" / RESULTS).read_text().splitlines()
+    foreign = json.loads(lines[1])
+    foreign["key"] = "0" * 16
+    foreign["source"]["fingerprint"] = "f" * 64
+    (tmp_path / "s" / RESULTS).write_text("\n".join([lines[0], json.dumps(foreign), *lines[1:]]) + "\n")
+    more = Sweep(base=base, metrics=["magnitude"], sparsities=[0.5, 0.6, 0.7])
+    with pytest.raises(PrunewiseError, match=r"result 2, key 0000000000000000"):
+        run_sweep(more, tmp_path / "s", progress=False)

@@ -34,11 +34,11 @@ loads them whole), naming a missing tensor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..storage.atomic import clean_stale
+from ..errors import PrunewiseError
+from ..storage.atomic import Scratch, clean_stale, scratch_folder
 from ..storage.cache import hash_tensor
 from ..storage.shards import INDEX, SHARD_BYTES, Checkpoint, ShardWriter
 from .blocks import BlockSource
@@ -78,8 +79,9 @@ class Stream:
         self.dtypes = dtypes  # model state key -> the dtype the model holds it in
         self.scratch_root = Path(scratch_root)
         self.max_shard_bytes = dense.shard_bytes  # output shards like the source's
-        self._owned: Path | None = None  # the scratch folder ``current`` lives in, deleted when left
-        self._finalizer = weakref.finalize(self, _remove, None)
+        self._owned: Scratch | None = None  # the scratch folder ``current`` lives in, deleted when left
+        self._new: dict[Path, Scratch] = {}  # scratch folders made and not yet streamed from
+        self._finalizer = weakref.finalize(self, _discard, None)
 
     def read(self, key: str) -> torch.Tensor:
         """Tensor ``key`` (a model state key) of the current checkpoint, in the model's dtype."""
@@ -87,29 +89,38 @@ class Stream:
         return t if t.dtype == self.dtypes[key] else t.to(self.dtypes[key])
 
     def new_scratch(self) -> Path:
-        """A new scratch folder (``.prunewise-stream.tmp-PID-*``; those of dead processes are removed)."""
+        """A new scratch folder (``.prunewise-stream.tmp-PID-*``), locked by this process for as long
+        as it is used (:mod:`prunewise.storage.atomic`); those whose writer is gone are removed."""
         self.scratch_root.mkdir(parents=True, exist_ok=True)
         clean_stale(self.scratch_root / "prunewise-stream")
-        return Path(tempfile.mkdtemp(prefix=f".prunewise-stream.tmp-{os.getpid()}-", dir=self.scratch_root))
+        scratch = scratch_folder(self.scratch_root, "prunewise-stream")
+        self._new[scratch.path] = scratch
+        return scratch.path
+
+    def drop(self, folder: Path) -> None:
+        """Delete a scratch folder made by :meth:`new_scratch` that will not be streamed from."""
+        _discard(self._new.pop(Path(folder), None))
 
     def point(self, folder: Path, owned: bool) -> None:
         """Stream from the checkpoint in ``folder`` from now on (``owned``: a scratch folder of ours)."""
         previous = self._owned
         self.current = self.dense if Path(folder) == self.dense.folder else Checkpoint(folder)
-        self._owned = Path(folder) if owned else None
+        self._owned = self._new.pop(Path(folder), None) if owned else None
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _remove, self._owned)
-        if previous is not None and previous != self._owned:
-            _remove(previous)
+        self._finalizer = weakref.finalize(self, _discard, self._owned)
+        if previous is not None and previous is not self._owned:
+            _discard(previous)
 
     def restore(self) -> None:
         """Back to the dense checkpoint (a trial's or a finished run's scratch is deleted)."""
         self.point(self.dense.folder, owned=False)
 
 
-def _remove(folder: Path | None) -> None:
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+def _discard(scratch: Scratch | None) -> None:
+    """Delete a scratch folder, then drop its lock."""
+    if scratch is not None:
+        shutil.rmtree(scratch.path, ignore_errors=True)
+        scratch.release()
 
 
 def stream_of(model: nn.Module) -> Stream | None:
@@ -214,21 +225,36 @@ class StreamedSource(BlockSource):
         folder = stream.new_scratch()
         state = self.model.state_dict(keep_vars=True)
         specs = [(ck, stream.dtypes[key], tuple(state[key].shape)) for key, ck in stream.keys.items()]
-        writer = ShardWriter(folder, specs, stream.max_shard_bytes)
+        writer = None
         try:
+            writer = ShardWriter(folder, specs, stream.max_shard_bytes)
+            free = shutil.disk_usage(folder).free
+            if free < writer.total:
+                raise _no_room(folder, writer.total, free)
             for key, ck in stream.keys.items():  # what is in memory now: outside the blocks, block buffers
                 if not state[key].is_meta:
                     writer.put(ck, state[key])
             self.sink = writer
             yield
             writer.close()
-        except BaseException:
-            writer.abort()
-            _remove(folder)
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            stream.drop(folder)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_room(folder, writer.total if writer else 0, None) from None
             raise
         finally:
             self.sink = None
         stream.point(folder, owned=True)
+
+
+def _no_room(folder: Path, need: int, free: int | None) -> PrunewiseError:
+    have = "" if free is None else f", {free / 1e9:.2f} GB free"
+    return PrunewiseError(
+        f"disk: the pruned checkpoint needs {need / 1e9:.2f} GB in {folder.parent}{have}; the disk "
+        "is full (the scratch folder is removed): free space there, or pass --out on a larger disk"
+    )
 
 
 def export(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -271,7 +297,9 @@ def random_checkpoint(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
-    tensors = {id(t): (k, t) for k, t in model.state_dict(keep_vars=True).items()}  # tied: one entry
+    tensors: dict[int, tuple[str, torch.Tensor]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():  # tied: the first name, as save_pretrained keeps
+        tensors.setdefault(id(t), (k, t))
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.values()]
     writer = ShardWriter(folder, specs, max_shard_bytes)
     g = torch.Generator().manual_seed(seed)

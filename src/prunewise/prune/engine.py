@@ -34,12 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import PrunewiseError
 from ..model.blocks import BlockSource, Call, Stop, run_block
 from ..model.experts import ExpertLinear
 from ..model.layers import weight_matrix
 from ..model.sources import make_source
 from ..registry import METRICS, Entry
-from .masks import Pattern, make_mask
+from .masks import Pattern, make_mask, target_count
 from .stats import BLOCK, LayerStats, make_stats
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,33 @@ class _Pruner:
         # per block layout (its layers' names within the block): position of the last linear layer
         # to run in one forward, or None when that is not fixed (experts run as tokens are routed)
         self.last: dict[tuple[str, ...], int | None] = {}
+        self.nonfinite: dict[str, list[str]] = {"weights": [], "input statistics": []}
+
+    def prune(self, name: str, module: nn.Module, stats: LayerStats | None) -> int:
+        """Prune one layer, noting non-finite weights or statistics (their NaN scores go first)."""
+        if not torch.isfinite(weight_matrix(module)).all():
+            self.nonfinite["weights"].append(name)
+        elif stats is not None and not stats.finite():
+            self.nonfinite["input statistics"].append(name)
+        return self.opts.prune_layer(name, module, stats)
+
+    def warn_nonfinite(self, total: int) -> None:
+        for what, names in self.nonfinite.items():
+            if names:
+                log.warning(
+                    "%d of %d layers have non-finite %s (NaN or Inf), first %s: NaN weights in the checkpoint, or "
+                    "activations that overflowed (fp16) or met them upstream. Their NaN scores were pruned first, "
+                    "so the counts are exact, but the pruned model's outputs are likely NaN too",
+                    len(names),
+                    total,
+                    what,
+                    ", ".join(names[:3]),
+                )
 
     def data_free(self, i, block, linears, hidden, calls):
         stats = self.opts.stats_for(linears)
         for name, module in linears:
-            self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
+            self.zeros[name] = self.prune(name, module, stats[name])
         return hidden
 
     def single_pass(self, i, block, linears, hidden, calls):
@@ -214,7 +237,7 @@ class _Pruner:
             def hook(module, args):
                 if name not in self.zeros:
                     stats[name].add(args[0])
-                    self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
+                    self.zeros[name] = self.prune(name, module, stats[name])
 
             return hook
 
@@ -226,7 +249,7 @@ class _Pruner:
                 h.remove()
         for name, module in linears:  # layers that saw no input: an expert no token was routed to
             if name not in self.zeros:
-                self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
+                self.zeros[name] = self.prune(name, module, stats[name])
         return hidden
 
     def two_pass(self, i, block, linears, hidden, calls):
@@ -243,7 +266,7 @@ class _Pruner:
             experts = any(isinstance(m, ExpertLinear) for _, m in linears)
             self.last[layout] = None if experts else collector.last_layer([name for name, _ in linears])
         for name, module in linears:
-            self.zeros[name] = self.opts.prune_layer(name, module, stats[name])
+            self.zeros[name] = self.prune(name, module, stats[name])
         return run_block(block, hidden, calls) if self.opts.propagate == "pruned" else outs
 
 
@@ -270,6 +293,14 @@ def prune_blocks(
         LayerResult(name, i, tuple(weight_matrix(m).shape), opts.allocation[name], pruner.zeros[name])
         for i, name, m in source.all_linears()
     ]
+    pruner.warn_nonfinite(len(results))
+    short = [r for r in results if r.zeros < target_count(r.target, r.numel)]
+    if short:
+        r = short[0]
+        raise PrunewiseError(
+            f"{len(short)} layers were pruned below their target, first {r.name}: {r.zeros} zeros of {r.numel}, "
+            f"target {r.target:g} ({target_count(r.target, r.numel)} zeros); the masks are not what was asked for"
+        )
     timings["total_s"] = time.perf_counter() - start
     ntok = int(calib.numel()) if calib is not None and opts.needs_data else 0
     return PruneResult(results, timings["total_s"], ntok, source.path, timings)

@@ -2,7 +2,8 @@
 
 Every selector returns a boolean *prune* mask (``True`` = the weight is set to zero) with an exact
 count, never by a bare ``<=`` threshold: dequantized weights tie massively, and a threshold would
-over-prune. Ties at the cut are broken by position (earlier index first), exactly the set a stable
+over-prune; NaN scores count as the lowest (:func:`finite_order`), so counts stay exact whatever
+the scores. Ties at the cut are broken by position (earlier index first), exactly the set a stable
 sort would select, found in linear time with ``kthvalue``; the result is deterministic.
 
 Counts are exact integers. A matrix of ``n`` weights at sparsity ``s`` loses
@@ -107,11 +108,22 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= cols:
         return torch.ones_like(scores, dtype=torch.bool)
+    scores = finite_order(scores)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     below = scores < kth
     tie = scores == kth
     need = k - below.sum(1, keepdim=True)
     return below | (tie & (tie.cumsum(1) <= need))
+
+
+def finite_order(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN as the lowest value (``-inf``), so that selection keeps exact counts
+    whatever the scores: a NaN compares with nothing, and a threshold at a NaN selects nothing. The
+    weights behind NaN scores (a NaN weight, or NaN activations upstream) are pruned first. A copy
+    is made only when there is a NaN."""
+    return (
+        torch.nan_to_num(scores, nan=-math.inf, posinf=math.inf, neginf=-math.inf) if scores.isnan().any() else scores
+    )
 
 
 def lowest_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -151,7 +163,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M pattern {n}:{m} needs the input width to be a multiple of {m}, got {cols}")
-    grouped = scores.reshape(rows, cols // m, m)
+    grouped = finite_order(scores).reshape(rows, cols // m, m)
     order = torch.sort(grouped, dim=2, stable=True).indices[..., :n]
     mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, order, True)
     return mask.reshape(rows, cols)

@@ -72,6 +72,10 @@ class LayerStats:
                 setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
         return self
 
+    def finite(self) -> bool:
+        """Whether every statistic collected or provided holds only finite numbers."""
+        return all(t is None or bool(torch.isfinite(t).all()) for t in (self.sq_sum, self.gram, self.grad))
+
     def release(self) -> None:
         self.sq_sum = None
         self.gram = None

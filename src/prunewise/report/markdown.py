@@ -13,6 +13,7 @@ sparsity profile of each allocator.
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 from collections import defaultdict
@@ -37,6 +38,8 @@ from .tables import (
     results_table,
     zero_shot_table,
 )
+
+log = logging.getLogger(__name__)
 
 REPORT = "report.md"
 
@@ -77,8 +80,10 @@ def protocol(config: dict[str, Any]) -> tuple:
     return tuple(config.get(k) for k in COMPARABLE)
 
 
-def load_groups(folder: Path) -> list[Group]:
-    """The runs of ``folder`` grouped by protocol, in first-seen order, each with its dense baseline."""
+def load_groups(folder: Path, unreadable: list[str] | None = None) -> list[Group]:
+    """The runs of ``folder`` grouped by protocol, in first-seen order, each with its dense baseline.
+    A run folder whose record cannot be read is left out with a warning, and named in
+    ``unreadable`` (``"path: why"``) when a list is given; the others are reported."""
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -109,7 +114,13 @@ def load_groups(folder: Path) -> list[Group]:
                     group.dense = {"ppl": line.get("ppl"), "zero_shot": line.get("zero_shot")}
     else:
         for path in sorted(folder.rglob(RECORD)):
-            rec = RunRecord.read(path)
+            try:
+                rec = RunRecord.read(path)
+            except PrunewiseError as exc:
+                log.warning("%s; left out of the report", exc)
+                if unreadable is not None:
+                    unreadable.append(str(exc).removeprefix("config: "))
+                continue
             if rec.pruning is None:
                 continue
             group = add(rec, ResultRow.from_record(rec))
@@ -296,7 +307,8 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
     """Write ``report.md`` and its PNGs into ``out`` (default ``folder``); returns the report path.
     Runs under different protocols (:data:`COMPARABLE`) get a section each: their numbers are not
     comparable across sections."""
-    groups = load_groups(folder)
+    unreadable: list[str] = []
+    groups = load_groups(folder, unreadable)
     out = Path(out) if out is not None else Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# prunewise report", ""]
@@ -317,6 +329,15 @@ def write_report(folder: Path, out: Path | None = None, notes: Path | None = Non
     for k, group in enumerate(groups if len(groups) > 1 else [], 1):
         md += [f"## Protocol {k}", "", *_protocol_lines(group), ""]
         md += _section(group, out, "###", f"_p{k}")
+    if unreadable:
+        md += [
+            "## Unreadable runs",
+            "",
+            "Left out of the tables above: their records cannot be read.",
+            "",
+            *(f"- `{line}`" for line in unreadable),
+            "",
+        ]
     path = out / REPORT
     path.write_text("\n".join(md), encoding="utf-8")
     return path

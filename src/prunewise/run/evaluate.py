@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PruneConfig, default_device
+from ..data import check_source
 from ..errors import PrunewiseError
 from ..evaluation.perplexity import evaluate
 from ..evaluation.zeroshot import check_tasks, zero_shot
@@ -69,6 +70,8 @@ def evaluate_run(model: str, options: EvalOptions | None = None, **settings: Any
         raise PrunewiseError("nothing to evaluate: --data none and no --tasks")
     if tasks:
         check_tasks(tasks, include_path)
+    if want_ppl:
+        check_source(data)  # before any model is loaded
     cache_dir = resolve_cache_dir(cache_dir)
     path = Path(model).expanduser()
     record = RunRecord.read(path) if path.is_dir() and (path / RECORD).is_file() else None

@@ -21,8 +21,8 @@ from ..allocation.profile import Profile
 from ..allocation.statistics import STATISTICS, StatContext, provide, reads_calibration
 from ..config import PruneConfig
 from ..data import calibration_ids as _calibration_ids
+from ..data import check_source, load_text, tokenize
 from ..data import heldout_ids as _heldout_ids
-from ..data import load_text, tokenize
 from ..errors import ConfigError, PrunewiseError
 from ..evaluation.zeroshot import check_tasks
 from ..model.layers import max_context, weight_matrix
@@ -166,6 +166,15 @@ def check_inputs(model: nn.Module, config: PruneConfig) -> None:
         check_tasks(config.tasks, config.include_path)
 
 
+def check_texts(calibration: PruneConfig | None, runs: list[PruneConfig]) -> None:
+    """The calibration text (of ``calibration``, when its runs read one) and every run's evaluation
+    text can be read: checked before the model is loaded, so a bad path fails in seconds."""
+    if calibration is not None:
+        check_source(calibration.calib)
+    for source in dict.fromkeys(r.eval_data for r in runs if r.eval_data):
+        check_source(source)
+
+
 def calibration_ids(tokenizer, config: PruneConfig, cache_dir: Path) -> torch.Tensor:
     """The run's calibration windows ``[nsamples, seqlen]`` (source, count, length and seed from ``config``)."""
     return _calibration_ids(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, cache_dir)
@@ -209,6 +218,7 @@ class Job:
         (a record's ``source`` section) refuses other weights, every run's inputs are checked, the
         calibration windows read when any run needs them; ``backup`` keeps the dense weights."""
         runs = runs or [config]
+        check_texts(config if any(needs_calibration(r) for r in runs) else None, runs)  # before minutes of loading
         model, tokenizer, source, placement = load_placed(config, cache_dir, trust_remote_code, scratch)
         identity = source_info(model, source)
         check_same_model(expect, identity, expected_by)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrunewiseError
+from ..config import PruneConfig
+from ..errors import ConfigError, PrunewiseError
 from ..storage.atomic import atomic_write_text
 
 SCHEMA = 2
@@ -138,6 +139,7 @@ class RunRecord:
         known["schema"] = SCHEMA
         known["zero_shot"] = known.get("zero_shot") or {}
         known["timings"] = known.get("timings") or {}
+        _check_types(known)
         return cls(**known)
 
     def write(self, path: Path) -> Path:
@@ -171,3 +173,72 @@ class RunRecord:
             return cls.from_dict(data)
         except PrunewiseError as exc:
             raise PrunewiseError(f"config: {path}: {exc}") from None
+
+
+_NUMBER = (int, float)
+# section -> the type it must have (None: may be null); then fields within sections that readers use
+_SECTIONS = {
+    "config": dict,
+    "source": dict,
+    "versions": dict,
+    "allocation": (dict, None),
+    "pruning": (dict, None),
+    "dense": (dict, None),
+    "pruned": (dict, None),
+    "zero_shot": dict,
+    "timings": dict,
+    "wall_s": (*_NUMBER, None),
+    "memory": (dict, None),
+    "output": (dict, None),
+    "evaluations": list,
+}
+_FIELDS = {
+    ("pruning", "sparsity"): _NUMBER,
+    ("pruning", "target"): _NUMBER,
+    ("pruning", "mask_sha256"): str,
+    ("pruning", "layers"): list,
+    ("pruning", "calib_tokens"): int,
+    ("allocation", "blocks"): list,
+    ("allocation", "search"): (dict, None),
+    ("dense", "ppl"): _NUMBER,
+    ("pruned", "ppl"): _NUMBER,
+    ("dense", "seqlen"): int,
+    ("pruned", "seqlen"): int,
+    ("dense", "tokens"): int,
+    ("pruned", "tokens"): int,
+    ("memory", "peak_rss_gb"): _NUMBER,
+}
+_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", None: "null"}
+
+
+def _is(value: Any, kinds: Any) -> bool:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return any(
+        value is None if k is None else isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+        for k in kinds
+    )
+
+
+def _wrong(field: str, kinds: Any, value: Any) -> PrunewiseError:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    want = " or ".join(dict.fromkeys(_NAMES[k] for k in kinds))
+    return PrunewiseError(f"record: field {field}: must be {want}, got {json.dumps(value)[:60]}")
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Refuse a record whose sections or the fields readers use have the wrong type (one line naming
+    the field), rather than failing later where it is read."""
+    for section, kinds in _SECTIONS.items():
+        if section in data and not _is(data[section], kinds):
+            raise _wrong(section, kinds, data[section])
+    for (section, key), kinds in _FIELDS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part and not _is(part[key], kinds):
+            raise _wrong(f"{section}.{key}", kinds, part[key])
+    for key, value in data["timings"].items():
+        if not _is(value, _NUMBER):
+            raise _wrong(f"timings.{key}", _NUMBER, value)
+    try:
+        PruneConfig.check_types(data["config"])
+    except ConfigError as exc:
+        raise PrunewiseError(f"record: field config.{exc}") from None

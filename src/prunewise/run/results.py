@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import PrunewiseError
+from .record import RunRecord
+
 log = logging.getLogger(__name__)
 
 
@@ -18,23 +21,37 @@ RESULTS = "results.jsonl"
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Every result line of ``path`` (a results.jsonl or its folder); a torn last line is skipped."""
+    """Every result line of ``path`` (a results.jsonl or its folder). A line that is not UTF-8 JSON
+    (a torn last line, a damaged byte), is not a result line, or whose run record has wrong-typed
+    fields is skipped with one warning naming the file, the line and why."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
     if not path.is_file():
         return []
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            log.warning("%s:%d: a line that is not UTF-8 text, skipped (a damaged file?)", path, i)
+            continue
         except json.JSONDecodeError:
             log.warning("%s:%d: unreadable line skipped (an interrupted write?)", path, i)
             continue
         if not isinstance(row, dict) or not isinstance(row.get("key"), str):
             log.warning("%s:%d: not a prunewise result line (no 'key'); skipped", path, i)
+            continue
+        if row.get("kind") != "dense":
+            try:
+                RunRecord.from_dict(row)
+            except PrunewiseError as exc:
+                log.warning("%s:%d: %s; skipped", path, i, exc)
+                continue
+        elif not (row.get("ppl") is None or isinstance(row.get("ppl"), dict)):
+            log.warning("%s:%d: a dense line whose 'ppl' is not an object; skipped", path, i)
             continue
         rows.append(row)
     return rows

@@ -6,7 +6,9 @@ cache (:mod:`prunewise.storage.cache`) both read and write through here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,12 +71,26 @@ def read_file_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]
     except (OSError, ValueError, struct.error) as exc:
         raise PrunewiseError(f"cannot read the safetensors file {path}: {exc}") from None
     meta = header.pop("__metadata__", None) or {}
+    size = os.stat(path).st_size
     out = {}
     for name, h in header.items():
-        if h["dtype"] not in ST_DTYPES:
-            raise PrunewiseError(f"{path}: tensor {name} has dtype {h['dtype']}, which prunewise cannot stream")
-        begin, end = h["data_offsets"]
-        out[name] = TensorInfo(path, ST_DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + begin, end - begin)
+        if not isinstance(h, dict) or h.get("dtype") not in ST_DTYPES:
+            dtype = h.get("dtype") if isinstance(h, dict) else h
+            raise PrunewiseError(f"{path}: tensor {name} has dtype {dtype}, which prunewise cannot stream")
+        try:
+            begin, end = (int(v) for v in h["data_offsets"])
+            shape = tuple(int(d) for d in h["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise PrunewiseError(f"{path}: the header of tensor {name} has no valid shape and offsets") from None
+        dtype = ST_DTYPES[h["dtype"]]
+        want = _numel(shape) * _itemsize(dtype)
+        if end - begin != want or begin < 0 or any(d < 0 for d in shape) or 8 + n + end > size:
+            raise PrunewiseError(
+                f"{path}: the header of tensor {name} does not match its data ({h['dtype']} {list(shape)} is {want} "
+                f"bytes; the header gives bytes {begin} to {end} of a {size - 8 - n}-byte data section): the file is "
+                "damaged"
+            )
+        out[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
     return out, meta
 
 
@@ -94,7 +110,9 @@ class Checkpoint:
                 "convert it with save_pretrained, or load it whole with --stream off"
             )
         self.tensors: dict[str, TensorInfo] = {}
+        self.identity: dict[Path, tuple[int, int, int]] = {}  # each shard as opened: inode, size, mtime
         for f in files:
+            self.identity[self.folder / f] = _identity(os.stat(self.folder / f))
             self.tensors.update(read_header(self.folder / f))
 
     @property
@@ -110,14 +128,27 @@ class Checkpoint:
         return max(sizes.values()) if len(sizes) > 1 else SHARD_BYTES
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, read into fresh memory (no mapping of the file)."""
-        return read_tensor(name, self.tensors[name])
+        """One tensor, read into fresh memory (no mapping of the file); a shard that is no longer
+        the file this checkpoint opened (replaced, rewritten, truncated) is refused, naming it."""
+        info = self.tensors[name]
+        return read_tensor(name, info, self.identity[info.file])
 
 
-def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_tensor(name: str, info: TensorInfo, identity: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Tensor ``name`` from its file; with ``identity`` (inode, size, mtime when the file was first
+    opened) a file that changed since is refused: what would be read mixes two checkpoints."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     with open(info.file, "rb", buffering=0) as fh:
+        if identity is not None and _identity(os.fstat(fh.fileno())) != identity:
+            raise PrunewiseError(
+                f"{info.file} changed on disk during the run (replaced or rewritten since it was opened): what "
+                "is read now would mix two versions of the model; rerun when the checkpoint stays put"
+            )
         fh.seek(info.start)
         got = 0
         while got < info.nbytes:
@@ -229,8 +260,11 @@ class ShardWriter:
             )
 
     def abort(self) -> None:
+        """Close every shard file, whatever closing raises (a full disk fails again on close); the
+        caller removes the folder."""
         for fh in self.handles:
-            fh.close()
+            with contextlib.suppress(OSError):
+                fh.close()
 
 
 def _numel(shape) -> int:

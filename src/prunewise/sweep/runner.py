@@ -150,11 +150,10 @@ def _locked(out: Path):
 
 
 def _check_model(out: Path, source: dict[str, str]) -> None:
-    """Refuse to add results for a model whose weights differ from those already in ``out``."""
-    for row in read_results(out):
+    """Refuse to add results for a model whose weights differ from those of any line already in ``out``."""
+    for i, row in enumerate(read_results(out), 1):
         if (row.get("source") or {}).get("fingerprint"):
-            check_same_model(row["source"], source, f"the results in {out / RESULTS}")
-            return
+            check_same_model(row["source"], source, f"the results in {out / RESULTS} (result {i}, key {row['key']})")
 
 
 def _run_sweep(sweep: Sweep, out: Path, opts: SweepOptions) -> SweepSummary:
