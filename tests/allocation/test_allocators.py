@@ -464,19 +464,19 @@ def test_mrp_dynamic_remeasures_the_sparse_model(calib, tmp_path):
     # by hand: round 1 on the dense statistics, then prune with it, re-measure, round 2 from there
     static = cfg.replace(allocator="mrp:m=2,start=0.2")
     prof = _plan(model, static, tmp_path, calib=calib, progress=False).profile
-    params = {"m": 2.0, "start": 0.2}
-    first = mrp.fill(prof, 0.4, None, **params)
+    params = mrp.Params(m=2.0, start=0.2)
+    first = mrp.fill(prof, 0.4, None, params)
     assert block_profile(prof, first) == pytest.approx(rounds[0]["blocks"])
     pw.prune(model, None, cfg, calib=calib, allocation=first, progress=False)
     prof.stats["dense_input_norm"] = dense_input_norms(BlockSource(model), calib, progress=False)
-    final = mrp.fill(prof, 0.6, first, **params)
+    final = mrp.fill(prof, 0.6, first, params)
     assert final == pytest.approx(planned.allocation)
     assert final != pytest.approx(
         mrp.fill(
             _plan(tiny_model("llama", layers=4), static, tmp_path, calib=calib, progress=False).profile,
             0.6,
             first,
-            **params,
+            params,
         )
     )
     with pytest.raises(ConfigError, match="stats=dynamic prunes"):

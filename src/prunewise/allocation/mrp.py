@@ -47,7 +47,9 @@ paper's values; the dynamic variant re-measures between ``rounds``, not after ev
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -140,77 +142,40 @@ def _needs(params: dict, metric: str) -> tuple[str, ...]:
     return ("weights", "dense_input_norm") if kind == "wanda" else ("weights",)
 
 
-def validate(
-    profile: Profile,
-    sparsity: float,
-    *,
-    m: float,
-    step: float,
-    start: float | str,
-    threshold: str,
-    stats: str,
-    rounds: int,
-    max_sparsity: float,
-    score: str = "auto",
-    granularity: str = "block",
-    **_: object,
-) -> float:
-    """Check the hyper-parameters (those that depend on the target here, the rest by the registry's
-    rules); return the starting sparsity."""
-    ALLOCATORS.get("mrp").check(
-        {
-            "m": m,
-            "step": step,
-            "threshold": threshold,
-            "stats": stats,
-            "rounds": rounds,
-            "max_sparsity": max_sparsity,
-            "score": score,
-            "granularity": granularity,
-        }
-    )
-    if start == "auto":
-        start = max(sparsity - 0.1, 0.0)
-    if isinstance(start, str) or not 0 <= start <= sparsity:
-        raise ConfigError(f"mrp: start must be 'auto' or in [0, target sparsity {sparsity:g}], got {start}")
-    if not sparsity <= max_sparsity < 1:
-        raise ConfigError(f"mrp: max_sparsity must be in [target, 1), got {max_sparsity}")
-    return float(start)
+@dataclass(frozen=True)
+class Params:
+    """MRP's hyper-parameters, as :func:`allocate` takes them (the registry reads their defaults
+    there)."""
+
+    m: float = 5.0
+    step: float = 0.01
+    start: float | str = "auto"
+    threshold: str = "dense"
+    score: str = "auto"
+    granularity: str = "block"
+    max_sparsity: float = 0.99
+    stats: str = "static"
+    rounds: int = 4
+
+    def first_level(self, sparsity: float) -> float:
+        """Check the hyper-parameters (those that depend on the target here, the rest by the
+        registry's rules); return the starting sparsity."""
+        ALLOCATORS.get("mrp").check({k: v for k, v in dataclasses.asdict(self).items() if k != "start"})
+        start = max(sparsity - 0.1, 0.0) if self.start == "auto" else self.start
+        if isinstance(start, str) or not 0 <= start <= sparsity:
+            raise ConfigError(f"mrp: start must be 'auto' or in [0, target sparsity {sparsity:g}], got {start}")
+        if not sparsity <= self.max_sparsity < 1:
+            raise ConfigError(f"mrp: max_sparsity must be in [target, 1), got {self.max_sparsity}")
+        return float(start)
 
 
-def fill(
-    profile: Profile,
-    sparsity: float,
-    levels: dict[str, float] | None,
-    *,
-    m: float = 5.0,
-    step: float = 0.01,
-    start: float | str = "auto",
-    threshold: str = "dense",
-    score: str = "auto",
-    granularity: str = "block",
-    max_sparsity: float = 0.99,
-    stats: str = "static",
-    rounds: int = 4,
-) -> dict[str, float]:
+def fill(profile: Profile, sparsity: float, levels: dict[str, float] | None, params: Params) -> dict[str, float]:
     """The greedy loop from ``levels`` (per layer; ``None``: every unit at ``start``) up to ``sparsity``,
     with the scores in ``profile`` (dense, or those of the current sparse model)."""
-    first = validate(
-        profile,
-        sparsity,
-        m=m,
-        step=step,
-        start=start,
-        threshold=threshold,
-        stats=stats,
-        rounds=rounds,
-        max_sparsity=max_sparsity,
-        score=score,
-        granularity=granularity,
-    )
-    kind = score_kind(score, profile.metric)
-    units = _units(profile, granularity)
-    summaries = [_summary(profile, names, kind, m, threshold) for names, _ in units]
+    first = params.first_level(sparsity)
+    kind = score_kind(params.score, profile.metric)
+    units = _units(profile, params.granularity)
+    summaries = [_summary(profile, names, kind, params.m, params.threshold) for names, _ in units]
     sizes = [size for _, size in units]
     level = [float(levels[names[0]]) if levels else first for names, _ in units]
     budget = sparsity * sum(sizes) - sum(lv * n for lv, n in zip(level, sizes))
@@ -218,10 +183,11 @@ def fill(
         raise ConfigError(f"mrp: the starting levels already exceed the target {sparsity:g}")
     red = [s.redundancy(lv) for s, lv in zip(summaries, level)]
     tol = 1e-12 * sum(sizes)
+    top = params.max_sparsity
     while budget > tol:
-        open_units = [u for u in range(len(units)) if level[u] < max_sparsity - 1e-12]
+        open_units = [u for u in range(len(units)) if level[u] < top - 1e-12]
         u = max(open_units, key=lambda k: (red[k], -level[k], -k))
-        inc = min(step, max_sparsity - level[u], budget / sizes[u])
+        inc = min(params.step, top - level[u], budget / sizes[u])
         level[u] += inc
         budget -= inc * sizes[u]
         red[u] = summaries[u].redundancy(level[u])
@@ -234,14 +200,15 @@ def dynamic(
     """``stats=dynamic``: the budget is placed in ``rounds`` equal parts; after each part but the
     last, the model is pruned with the allocation so far (the run's metric) and the scores are
     re-measured on that sparse model."""
-    first = validate(profile, sparsity, **params)
-    rounds = params["rounds"]
+    bound = Params(**params)
+    first = bound.first_level(sparsity)
+    rounds = bound.rounds
     levels: dict[str, float] | None = None
     history = []
     start = time.perf_counter()
     for r in tqdm(range(1, rounds + 1), desc="mrp rounds", unit="round", disable=not progress):
         goal = first + (sparsity - first) * r / rounds
-        levels = fill(profile, goal, levels, **params)
+        levels = fill(profile, goal, levels, bound)
         history.append({"round": r, "target": goal, "blocks": block_profile(profile, levels)})
         if r == rounds:
             break
@@ -297,16 +264,5 @@ def allocate(
             "mrp.dynamic); run it through prunewise.plan / prunewise.run / `prunewise prune`"
         )
     return fill(
-        profile,
-        sparsity,
-        None,
-        m=m,
-        step=step,
-        start=start,
-        threshold=threshold,
-        score=score,
-        granularity=granularity,
-        max_sparsity=max_sparsity,
-        stats=stats,
-        rounds=rounds,
+        profile, sparsity, None, Params(m, step, start, threshold, score, granularity, max_sparsity, stats, rounds)
     )
