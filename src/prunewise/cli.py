@@ -1,4 +1,4 @@
-"""Command line: ``prunewise prune | eval | sweep | report | list``.
+"""Command line: ``prunewise prune | eval | sweep | report | speed | convert | list``.
 
 A thin skin over :mod:`prunewise.run.pipeline`: parse, build a :class:`PruneConfig`, call the
 library, print tables. Bad input gets one line on stderr and exit code 2 (``-v`` shows the
@@ -19,7 +19,9 @@ from .allocation.statistics import STATISTICS
 from .config import DTYPE_CHOICES, PruneConfig, default_device
 from .errors import PrunewiseError
 from .evaluation.speed import measure, tables
-from .model.loading import load_model
+from .model.assets import BUNDLED
+from .model.conversion import convert_gguf
+from .model.loading import TORCH_DTYPES, load_model
 from .model.malloc import keep_freed_memory
 from .model.memory import STREAM_CHOICES
 from .prune.engine import MODES, PROPAGATE
@@ -96,7 +98,9 @@ def _run_args(p: argparse.ArgumentParser, grid: bool) -> None:
     """The run settings of ``prune``; with ``grid`` the four axes take lists (``sweep``)."""
     d = PruneConfig()
     many = {"nargs": "+"} if grid else {}
-    p.add_argument("--model", help=f"HF folder, .gguf file, hub id, or 'smollm2-135m' (default {d.model})")
+    p.add_argument(
+        "--model", help=f"HF folder, .gguf file, hub id, or a bundled model: {', '.join(BUNDLED)} (default {d.model})"
+    )
     p.add_argument("--metric", **many, help=f"name[:key=value,...] (default {d.metric}; see 'prunewise list')")
     p.add_argument("--allocator", **many, help=f"name[:key=value,...] (default {d.allocator})")
     p.add_argument("--sparsity", type=float, **many, help="global target in [0, 1) (default 0.5; N/M for N:M)")
@@ -232,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
     sp.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     _common(sp)
+
+    cv = sub.add_parser(
+        "convert",
+        help="a .gguf file to a safetensors folder, one tensor at a time",
+        description="Dequantize a GGUF file tensor by tensor into safetensors shards (peak memory "
+        "about the largest tensor), with its config and tokenizer: the folder loads with "
+        "from_pretrained and streams with --stream on.",
+    )
+    cv.add_argument("source", type=Path, help="the .gguf file")
+    cv.add_argument("out", type=Path, help="the folder to write")
+    cv.add_argument(
+        "--dtype",
+        choices=tuple(TORCH_DTYPES),
+        default="float32",
+        help="weights' dtype (default float32: exactly transformers' dequantization; bfloat16 halves the disk)",
+    )
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+    _common(cv)
 
     lst = sub.add_parser("list", help="registered metrics, allocators and patterns")
     _common(lst)
@@ -476,6 +498,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = convert_gguf(
+        args.source, args.out, dtype=TORCH_DTYPES[args.dtype], overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(f"converted {args.source} to {out} ({args.dtype})")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     def hyper(entry) -> str:
         h = entry.hyperparameters()
@@ -538,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "speed": cmd_speed,
         "list": cmd_list,
+        "convert": cmd_convert,
     }
     previous = signal.signal(signal.SIGTERM, _terminated)  # a job scheduler's stop: clean up as for Ctrl-C
     try:

@@ -176,16 +176,14 @@ def test_fingerprint_handles_scalar_buffers():
 
 def test_two_first_conversions_of_the_bundled_model_do_not_crash(tmp_path, tokenizer, monkeypatch):
     """The other process finishes the conversion first: this one uses its folder."""
-    real_folder = models.atomic_folder
 
-    def racing(target, **kw):
-        target.mkdir(parents=True)  # the other process's rename lands first
-        tiny_model("llama").save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        return real_folder(target, **kw)
+    def racing(source, out, **kw):
+        with atomic_folder(out) as tmp:  # the other process's rename lands first
+            tiny_model("llama").save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        raise OSError(39, "Directory not empty")  # then this one's rename fails
 
-    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: (tiny_model("llama"), tokenizer))
-    monkeypatch.setattr(models, "atomic_folder", racing)
+    monkeypatch.setattr(models, "convert_gguf", racing)
     folder = models.bundled_model_dir("smollm2-135m", tmp_path)
     assert (folder / "config.json").is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
@@ -418,7 +416,12 @@ def test_a_pickled_checkpoint_and_a_short_gguf_are_one_line(model_dir, text, tmp
 
 
 def test_a_damaged_conversion_of_the_bundled_model_is_redone(tmp_path, tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(models, "_load_gguf", lambda path, dtype: (tiny_model("llama"), tokenizer))
+    def convert(source, out, **kw):
+        with atomic_folder(out) as tmp:
+            tiny_model("llama").save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
     folder = models.bundled_model_dir("smollm2-135m", tmp_path)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

