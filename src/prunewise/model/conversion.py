@@ -114,6 +114,7 @@ def convert_gguf(
         except BaseException:
             writer.abort()
             raise
+        config.dtype = dtype  # what from_pretrained loads it in by default
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         try:
