@@ -104,9 +104,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t
 
 
-def test_every_quantization_type_converts_as_transformers_dequantizes(tmp_path):
+def test_every_quantization_type_converts_as_transformers_dequantizes(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from prunewise.model import conversion
+
+    monkeypatch.setattr(conversion, "CHUNK_BYTES", 4096)  # a few rows at a time: several chunks a tensor
     src = write_gguf(tmp_path / "tiny.gguf")
     out = convert_gguf(src, tmp_path / "out", progress=False, max_shard_bytes=300_000)
     assert len(list(out.glob("model-*.safetensors"))) >= 2 and (out / "tokenizer_config.json").is_file()

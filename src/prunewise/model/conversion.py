@@ -6,7 +6,7 @@ tensors are read one by one from the memory-mapped file, dequantized by the ``gg
 through transformers' own per-architecture tensor processing (the reverse q/k permutation of
 LLaMA-style files, split experts, ...) and name map, cast to the output dtype and written at their
 place in safetensors shards laid out up front (:class:`~prunewise.storage.shards.ShardWriter`), so
-the peak is about the largest tensor and its dequantized copy. The config and the tokenizer are
+the peak is about the largest tensor (rows are dequantized a few at a time into it). The config and the tokenizer are
 transformers' readings of the same file, written beside the weights: the folder loads with plain
 ``from_pretrained`` and streams with ``--stream on``. In float32 the tensors are bit for bit those
 of transformers' own load (the same dequantization and processing, tensor by tensor).
@@ -20,7 +20,9 @@ seconds that commands converting nothing do not pay.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,36 @@ def _why(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+CHUNK_BYTES = 1 << 25  # dequantized at once: 32 MB of float32 rows (gguf's dequantization keeps several copies)
+
+
+def _dequantized(data: np.ndarray, qtype) -> np.ndarray:
+    """``gguf.dequantize`` of a tensor's data, a few rows at a time into one float32 array: the
+    same values (each block is dequantized on its own), without the full-size temporaries that
+    dequantizing a large tensor at once allocates (several times its float32 size)."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.shape[0] < 2:
+        return dequantize(data, qtype)
+    head = dequantize(data[:1], qtype)
+    out = np.empty((data.shape[0], *head.shape[1:]), dtype=head.dtype)
+    step = max(1, CHUNK_BYTES // max(head.nbytes, 1))
+    for r in range(0, data.shape[0], step):
+        out[r : r + step] = dequantize(data[r : r + step], qtype)
+    return out
+
+
+def _forget(reader, tensor) -> None:
+    """Drop the file's pages of ``tensor`` from this process (the memory map would otherwise keep
+    every page it read resident, the whole file by the end); they are read again if touched."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+
+
 def convert_gguf(
     source: Path,
     out: Path,
@@ -51,7 +83,7 @@ def convert_gguf(
     """Convert the GGUF file ``source`` into the safetensors folder ``out`` (all or nothing: written
     beside it and renamed into place), tensor by tensor, in ``dtype``; returns ``out``."""
     from accelerate import init_empty_weights
-    from gguf import GGUFReader, dequantize
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
@@ -89,10 +121,10 @@ def convert_gguf(
     with atomic_folder(out, replace=overwrite) as tmp:
         writer = ShardWriter(tmp, specs, max_shard_bytes)
         try:
-            parsed["tensors"] = {}
+            parsed = {"config": parsed["config"], "tensors": {}}  # the tokenizer's fields are not needed here
             for tensor in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress):
                 result = processor.process(
-                    weights=dequantize(tensor.data, tensor.tensor_type),
+                    weights=_dequantized(tensor.data, tensor.tensor_type),
                     name=tensor.name,
                     tensor_key_mapping=names,
                     parsed_parameters=parsed,
@@ -100,11 +132,14 @@ def convert_gguf(
                 done = dict(parsed["tensors"])  # what a processor assembled itself (split or merged experts)
                 parsed["tensors"].clear()
                 if result.name in names:
-                    done[names[result.name]] = torch.from_numpy(np.copy(result.weights))
+                    weights = np.ascontiguousarray(result.weights)  # F32 data is a read-only view of the map
+                    done[names[result.name]] = torch.from_numpy(weights if weights.flags.writeable else weights.copy())
                 for key, value in done.items():
                     if key in wanted:
                         writer.put(key, value.to(dtype) if value.dtype.is_floating_point else value)
                         wanted.discard(key)
+                del result, done
+                _forget(reader, tensor)
             if wanted:
                 raise PrunewiseError(
                     f"convert: {source} holds no tensor for {sorted(wanted)[0]} ({len(wanted)} "
