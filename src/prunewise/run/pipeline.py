@@ -80,7 +80,7 @@ def plan(
             if job is not None and job.dense_weights is not None
             else backup_weights(model, ctx.profile)
         )
-        if executor is not None:
+        if executor is not None and executor.name != "local":  # (the fingerprint only when workers need it)
             parallel = executor.trials(config, cache_dir, ctx.fingerprint())
         trials = local_trials(model, tokenizer, config, calib, cache_dir, backup, parallel)
     try:
