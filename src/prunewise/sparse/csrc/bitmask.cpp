@@ -1,0 +1,276 @@
+// Weights stored as their non-zero values (row-major) plus a packed bitmask of their positions
+// (one bit per weight, least significant bit first, each row padded to whole bytes): the product
+// x W^T for a few token rows, and the dense matrix back, reading only that compressed form.
+//
+// With AVX-512F each 16 columns of a row cost one expand (the next popcount(bits) values spread
+// to the lanes the bits name, zeros elsewhere) and one fused multiply-add per token row, so a row
+// reads its values and mask once whatever the token count. Without AVX-512F a scalar loop over
+// the set bits does the same work. 16-bit values are read 16 at a time, so the values buffer must
+// hold 16 elements of padding after the last row (the Python side allocates it).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
+
+Kind kind_of(const torch::Tensor& values) {
+  switch (values.scalar_type()) {
+    case torch::kFloat32: return F32;
+    case torch::kBFloat16: return BF16;
+    case torch::kFloat16: return F16;
+    default: TORCH_CHECK(false, "bitmask kernels take float32, bfloat16 or float16 values, not ", values.scalar_type());
+  }
+}
+
+template <int KIND>
+inline float value_at(const char* base, int64_t i) {
+  if constexpr (KIND == F32) {
+    float f;
+    std::memcpy(&f, base + 4 * i, 4);
+    return f;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, base + 2 * i, 2);
+    if constexpr (KIND == BF16) {
+      uint32_t b = static_cast<uint32_t>(h) << 16;
+      float f;
+      std::memcpy(&f, &b, 4);
+      return f;
+    } else {
+      return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+    }
+  }
+}
+
+constexpr int item_size(int kind) { return kind == F32 ? 4 : 2; }
+
+// The row's bits for columns [16c, 16c + 16): two bytes, or one in a row whose tail has 8 or fewer.
+inline uint32_t chunk_bits(const uint8_t* m, int64_t c, int64_t mbytes) {
+  uint32_t bits = m[2 * c];
+  if (2 * c + 1 < mbytes) bits |= static_cast<uint32_t>(m[2 * c + 1]) << 8;
+  return bits;
+}
+
+template <int KIND>
+void linear_scalar(const float* x, int64_t n, const char* vals, const uint8_t* mask, int64_t mbytes,
+                   const int64_t* offs, int64_t cols, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  float acc[16];
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t tn = std::min<int64_t>(16, n - t0);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t t = 0; t < tn; ++t) acc[t] = 0.f;
+      int64_t k = offs[r];
+      const uint8_t* m = mask + r * mbytes;
+      for (int64_t b = 0; b < mbytes; ++b) {
+        uint32_t byte = m[b];
+        while (byte) {
+          const int64_t c = 8 * b + __builtin_ctz(byte);
+          byte &= byte - 1;
+          const float v = value_at<KIND>(vals, k++);
+          for (int64_t t = 0; t < tn; ++t) acc[t] += v * x[(t0 + t) * cols + c];
+        }
+      }
+      for (int64_t t = 0; t < tn; ++t) out[(t0 + t) * rows + r] = acc[t];
+    }
+  }
+}
+
+template <int KIND>
+void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const int64_t* offs, int64_t cols,
+                   char* dense, int64_t r0, int64_t r1) {
+  constexpr int item = item_size(KIND);
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t k = offs[r];
+    char* row = dense + r * cols * item;
+    std::memset(row, 0, cols * item);
+    const uint8_t* m = mask + r * mbytes;
+    for (int64_t b = 0; b < mbytes; ++b) {
+      uint32_t byte = m[b];
+      while (byte) {
+        const int64_t c = 8 * b + __builtin_ctz(byte);
+        byte &= byte - 1;
+        std::memcpy(row + c * item, vals + (k++) * item, item);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+
+template <int KIND>
+inline __m512 expand16(const char* p, __mmask16 bits) {
+  if constexpr (KIND == F32) {
+    return _mm512_maskz_expandloadu_ps(bits, p);
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    __m512 v;
+    if constexpr (KIND == BF16) {
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      v = _mm512_cvtph_ps(raw);
+    }
+    return _mm512_maskz_expand_ps(bits, v);
+  }
+}
+
+// One weight row against T token rows (x and out start at the tile's first token).
+template <int KIND, int T>
+inline void row_tile(const float* x, const char* p, const uint8_t* m, int64_t mbytes, int64_t cols, float* out,
+                     int64_t rows) {
+  constexpr int item = item_size(KIND);
+  const int64_t full = cols / 16;
+  const int rem = static_cast<int>(cols % 16);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < full; ++c) {
+    uint16_t bits;
+    std::memcpy(&bits, m + 2 * c, 2);
+    const __m512 w = expand16<KIND>(p, bits);
+    p += __builtin_popcount(bits) * item;
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * cols + 16 * c), acc[t]);
+  }
+  if (rem) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
+    const __mmask16 bits = static_cast<__mmask16>(chunk_bits(m, full, mbytes)) & tail;
+    const __m512 w = expand16<KIND>(p, bits);
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, x + t * cols + 16 * full), acc[t]);
+  }
+  for (int t = 0; t < T; ++t) out[t * rows] = _mm512_reduce_add_ps(acc[t]);
+}
+
+template <int KIND>
+void linear_avx512(const float* x, int64_t n, const char* vals, const uint8_t* mask, int64_t mbytes,
+                   const int64_t* offs, int64_t cols, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  constexpr int item = item_size(KIND);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = vals + offs[r] * item;
+    const uint8_t* m = mask + r * mbytes;
+    int64_t t = 0;
+    for (; n - t >= 8; t += 8) row_tile<KIND, 8>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    if (n - t >= 4) {
+      row_tile<KIND, 4>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+      t += 4;
+    }
+    if (n - t >= 2) {
+      row_tile<KIND, 2>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+      t += 2;
+    }
+    if (n - t >= 1) row_tile<KIND, 1>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+  }
+}
+
+template <int KIND>
+void unpack_avx512(const char* vals, const uint8_t* mask, int64_t mbytes, const int64_t* offs, int64_t cols,
+                   char* dense, int64_t r0, int64_t r1) {
+  constexpr int item = item_size(KIND);
+  const int64_t full = cols / 16;
+  const int rem = static_cast<int>(cols % 16);
+  const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = vals + offs[r] * item;
+    const uint8_t* m = mask + r * mbytes;
+    char* row = dense + r * cols * item;
+    for (int64_t c = 0; c <= full; ++c) {
+      if (c == full && !rem) break;
+      const __mmask16 bits = static_cast<__mmask16>(chunk_bits(m, c, mbytes)) & (c == full ? tail : 0xFFFF);
+      char* dst = row + 16 * c * item;
+      if constexpr (KIND == F32) {  // moves bits: NaN payloads and signed zeros survive
+        const __m512 v = _mm512_maskz_expandloadu_ps(bits, p);
+        if (c == full) _mm512_mask_storeu_ps(dst, tail, v); else _mm512_storeu_ps(dst, v);
+      } else {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m512i v = _mm512_maskz_expand_epi32(bits, _mm512_cvtepu16_epi32(raw));
+        if (c == full) _mm512_mask_cvtepi32_storeu_epi16(dst, tail, v);
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(v));
+      }
+      p += __builtin_popcount(bits) * item;
+    }
+  }
+}
+
+#endif
+
+void check(const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets, int64_t cols) {
+  TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu() && offsets.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values: a contiguous 1-D tensor");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: uint8 [rows, bytes]");
+  TORCH_CHECK(mask.size(1) == (cols + 7) / 8, "mask: ", mask.size(1), " bytes per row for ", cols, " columns");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: int64 [rows + 1]");
+  TORCH_CHECK(values.numel() >= offsets[-1].item<int64_t>() + 16, "values: 16 elements of padding needed");
+}
+
+int64_t grain(int64_t rows) { return std::max<int64_t>(16, rows / (4 * at::get_num_threads())); }
+
+}  // namespace
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols) {
+  check(values, mask, offsets, cols);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x: contiguous float32 [tokens, ", cols, "]");
+  const int64_t n = x.size(0), rows = mask.size(0), mbytes = mask.size(1);
+  auto out = torch::empty({n, rows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const char* vp = static_cast<const char*>(values.data_ptr());
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  float* outp = out.data_ptr<float>();
+  const Kind kind = kind_of(values);
+  at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+    if (kind == F32) linear_avx512<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else if (kind == BF16) linear_avx512<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else linear_avx512<F16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+#else
+    if (kind == F32) linear_scalar<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else if (kind == BF16) linear_scalar<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else linear_scalar<F16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+#endif
+  });
+  return out;
+}
+
+torch::Tensor unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols) {
+  check(values, mask, offsets, cols);
+  const int64_t rows = mask.size(0), mbytes = mask.size(1);
+  auto dense = torch::empty({rows, cols}, values.options());
+  const char* vp = static_cast<const char*>(values.data_ptr());
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  char* dp = static_cast<char*>(dense.data_ptr());
+  const Kind kind = kind_of(values);
+  at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+#if defined(__AVX512F__)
+    if (kind == F32) unpack_avx512<F32>(vp, mp, mbytes, op, cols, dp, r0, r1);
+    else unpack_avx512<BF16>(vp, mp, mbytes, op, cols, dp, r0, r1);  // 16-bit values move as integers
+#else
+    if (kind == F32) unpack_scalar<F32>(vp, mp, mbytes, op, cols, dp, r0, r1);
+    else unpack_scalar<BF16>(vp, mp, mbytes, op, cols, dp, r0, r1);
+#endif
+  });
+  return dense;
+}
+
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#else
+  return "scalar";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x @ W^T for W as values + bitmask (float32 out)");
+  m.def("unpack", &unpack, "W as a dense matrix in the values' dtype");
+  m.def("isa", &isa, "which code path was compiled: avx512 or scalar");
+}

@@ -1,0 +1,154 @@
+"""The CPU kernel for bitmask-compressed weights, and the linear layer that runs on it.
+
+The kernel (``csrc/bitmask.cpp``) is a C++ extension compiled on first use with
+``torch.utils.cpp_extension`` (g++ and the ``ninja`` package; about a minute, once per machine and
+source version: the build lives in the prunewise cache under ``kernels/``). It is compiled for the
+machine it runs on (``-march=native``): with AVX-512F each 16 columns cost one expand and one fused
+multiply-add per token; elsewhere a scalar loop over the set bits runs (correct, slower: measure
+before relying on it). Where it cannot be built or loaded (no compiler, no ninja, an unsupported
+platform) :func:`ext` says why once in the log and returns None, and :class:`SparseLinear` runs
+dense matmuls on the unpacked weight instead: results are the same, only slower.
+
+:class:`SparseLinear` replaces an ``nn.Linear`` whose weight is stored compressed: up to
+:data:`KERNEL_TOKENS` token rows per call (decode, small batches) go through the kernel, which
+reads only the compressed bytes; more rows (prefill) unpack the weight into a scratch matrix and
+run the dense matmul, where the compute, not the bytes read, is the cost
+(``benchmarks/RESULTS.md``, "Sparse checkpoints", gives the measured crossover). Arithmetic is
+float32 whatever the weight's dtype (bf16 and fp16 values are widened exactly), so results equal
+``x @ W.T`` within float32 rounding of a different summation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..storage.cache import default_cache_dir
+from . import bitmask
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
+
+KERNEL_TOKENS = 16  # at most this many token rows per call run on the kernel; more unpack and matmul densely
+
+PAD = 16  # elements of padding after the values: the kernel reads 16 at a time
+
+_EXT: list = []  # [module or None], once per process
+
+
+def _cpu_tag() -> str:
+    """What the build depends on besides its source: the CPU's instruction sets and torch."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
+
+
+def ext():
+    """The compiled kernel module, or None where it cannot be built here (said once, in the log)."""
+    if _EXT:
+        return _EXT[0]
+    module, why = None, None
+    if os.environ.get("PRUNEWISE_SPARSE_KERNEL", "1") == "0":
+        why = "PRUNEWISE_SPARSE_KERNEL=0"
+    else:
+        try:
+            from torch.utils import cpp_extension
+
+            digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+            name = f"prunewise_bitmask_{digest}_{_cpu_tag()}"
+            build = default_cache_dir() / "kernels" / name
+            build.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no ninja, a failed build: dense matmuls instead
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+    if module is None:
+        log.warning("sparse kernel unavailable (%s): compressed layers run dense matmuls on unpacked weights", why)
+    _EXT.append(module)
+    return module
+
+
+def isa() -> str:
+    """``avx512``, ``scalar`` (the kernel's code path here) or ``none`` (no kernel: dense matmuls)."""
+    module = ext()
+    return module.isa() if module is not None else "none"
+
+
+def padded(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values.reshape(-1), values.new_zeros(PAD)])
+
+
+def unpack(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense tensor, bit for bit, from padded ``values`` (kernel when there is one)."""
+    module = ext() if values.device.type == "cpu" else None
+    if module is None:
+        return bitmask.unpack(values, mask, shape)
+    return module.unpack(values, mask, offsets, shape[-1]).reshape(shape)
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with its weight held as values + bitmask (:mod:`prunewise.sparse.bitmask`)."""
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.register_buffer("values", padded(values))
+        self.register_buffer("mask", mask.contiguous())
+        self.register_buffer("offsets", bitmask.row_offsets(mask))
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
+        values, mask = bitmask.pack(linear.weight.detach())
+        return cls(values, mask, tuple(linear.weight.shape), None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        return unpack(self.values, self.mask, self.offsets, (self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed weight (values without padding, mask)."""
+        return (self.values.numel() - PAD) * self.values.element_size() + self.mask.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        module = ext() if x.device.type == "cpu" and rows <= KERNEL_TOKENS else None
+        if module is None:
+            return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        y = module.linear(
+            x.reshape(rows, self.in_features).float().contiguous(),
+            self.values,
+            self.mask,
+            self.offsets,
+            self.in_features,
+        )
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        density = (self.values.numel() - PAD) / max(self.out_features * self.in_features, 1)
+        return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}"
