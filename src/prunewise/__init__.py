@@ -4,6 +4,7 @@ Public API::
 
     import prunewise as pw
     model, tokenizer, _ = pw.load_model("smollm2-135m")
+    model, tokenizer = pw.load("runs/w70s")                 # a saved run; --format sparse runs on the sparse kernel
     cfg = pw.PruneConfig(metric="wanda", sparsity=0.5, nsamples=32, seqlen=512)
     result = pw.prune(model, tokenizer, cfg)          # in place; result.layers, result.sparsity
     print(pw.evaluate(model, tokenizer, "wiki", seqlen=512, max_tokens=16384)["ppl"])
@@ -19,7 +20,7 @@ from .errors import ConfigError, PrunewiseError
 from .evaluation.perplexity import evaluate, perplexity
 from .evaluation.zeroshot import zero_shot
 from .model.layers import find_blocks
-from .model.loading import load_model
+from .model.loading import load, load_model
 from .prune.engine import PruneResult, prune_model
 from .prune.masks import parse_pattern
 from .registry import ALLOCATORS, METRICS
@@ -39,6 +40,7 @@ __all__ = [
     "PrunewiseError",
     "evaluate",
     "find_blocks",
+    "load",
     "load_model",
     "parse_pattern",
     "perplexity",

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
+from ..sparse.checkpoint import Packed, is_sparse, read_sparse
+from ..sparse.kernel import SparseLinear
 from ..storage.cache import default_cache_dir
 from ..storage.shards import Checkpoint
 from .assets import BUNDLED
@@ -173,7 +175,11 @@ def load_model(
     elif path.exists():
         if not (path / "config.json").is_file():
             raise PrunewiseError(f"model: {path} is not a Hugging Face model folder (no config.json)")
-        model, tokenizer = _from_folder(path, torch_dtype, trust)
+        if is_sparse(path):  # a compressed sparse checkpoint, unpacked: every layer an nn.Linear again
+            model = load_sparse(path, kernel=False, dtype=torch_dtype, trust_remote_code=trust)
+            tokenizer = _tokenizer(path, trust)
+        else:
+            model, tokenizer = _from_folder(path, torch_dtype, trust)
         source = ModelSource(key, "folder", str(path.resolve()))
     elif key.startswith((".", "/", "~")) or key.count("/") > 1:
         raise PrunewiseError(f"model: no such folder or file: {path}")
@@ -196,9 +202,12 @@ def load_model(
 def _load_streamed(
     key: str, dtype: str, cache_dir: Path, trust: bool, blocks_path: str | None, scratch_root: Path | None
 ):
-    from transformers import AutoTokenizer
-
     folder = model_folder(key, cache_dir)
+    if folder is not None and is_sparse(folder):
+        raise PrunewiseError(
+            f"model: {folder} is a compressed sparse checkpoint, which does not stream: load it whole "
+            "(--stream off), or prune from its dense source"
+        )
     if folder is None:
         raise PrunewiseError(
             f"model: streaming reads a local safetensors folder; '{key}' is not one (convert it "
@@ -209,10 +218,7 @@ def _load_streamed(
     model = load_skeleton(
         folder, torch_dtype, blocks_path=blocks_path, trust_remote_code=trust, scratch_root=scratch_root
     )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
-    except Exception as exc:
-        raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
+    tokenizer = _tokenizer(folder, trust)
     if bundled:
         source = ModelSource(key.lower(), "bundled", str(folder))
     elif gguf:
@@ -223,17 +229,85 @@ def _load_streamed(
 
 
 def _from_folder(folder: Path, torch_dtype, trust: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=trust)
     except Exception as exc:  # a corrupt, truncated or foreign checkpoint: one line naming the folder
         raise PrunewiseError(f"model: cannot load {folder}: {describe_error(exc)}") from None
+    return model, _tokenizer(folder, trust)
+
+
+def _tokenizer(folder: Path, trust: bool = False):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
     except Exception as exc:
         raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
+
+
+def load(path: str | Path, *, kernel: bool = True, dtype: str = "auto", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a saved run or model folder (``prunewise.load``). A compressed sparse
+    checkpoint (``--format sparse``) loads with its packed ``nn.Linear`` layers as
+    :class:`~prunewise.sparse.kernel.SparseLinear` on the sparse CPU kernel, or unpacked to dense
+    with ``kernel=False``; anything else loads as :func:`load_model` loads it."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and is_sparse(folder):
+        model = load_sparse(
+            folder, kernel=kernel, dtype=TORCH_DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code
+        )
+        return model, _tokenizer(folder, trust_remote_code)
+    model, tokenizer, _ = load_model(str(path), dtype, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def load_sparse(folder: Path, *, kernel: bool = True, dtype="auto", trust_remote_code: bool = False) -> nn.Module:
+    """The model of a compressed sparse checkpoint (:mod:`prunewise.sparse.checkpoint`), read one
+    tensor at a time into a weightless skeleton: packed weights of ``nn.Linear`` layers become
+    :class:`~prunewise.sparse.kernel.SparseLinear` with ``kernel``, every other packed tensor is
+    unpacked (bit for bit). ``dtype`` other than the stored one converts the dense tensors and
+    unpacks every packed one."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise PrunewiseError(f"model: cannot read the config of {folder}: {describe_error(exc)}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state = model.state_dict(keep_vars=True)
+    packed: dict[str, Packed] = {}
+    for key, t in read_sparse(folder):
+        if key not in state:
+            raise PrunewiseError(f"model: {folder} holds {key}, which {type(model).__name__} has no place for")
+        if isinstance(t, Packed):
+            packed[key] = t
+        else:
+            assign(model, key, t if dtype == "auto" else t.to(dtype))
+    for key, p in packed.items():  # after the dense tensors: a layer's bias is in place
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if kernel and dtype == "auto" and attr == "weight" and type(module) is nn.Linear and len(p.shape) == 2:
+            bias = module.bias.detach() if module.bias is not None else None
+            parent, _, child = owner.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model, child, SparseLinear(p.values, p.mask, p.shape, bias)
+            )
+        else:
+            w = p.unpack()
+            assign(model, key, w if dtype == "auto" else w.to(dtype))
+    model.tie_weights()
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if missing:
+        raise PrunewiseError(
+            f"model: {folder} has no tensor for {missing[0]} ({len(missing)} missing): the checkpoint is incomplete"
+        )
+    model.eval()
+    model.config.use_cache = False
+    return model
 
 
 def describe_error(exc: BaseException) -> str:

@@ -266,14 +266,41 @@ def export(model: nn.Module, tokenizer, folder: Path) -> None:
     move = stream._owned is not None
     for f in files:
         (shutil.move if move else shutil.copyfile)(src / f, Path(folder) / f)  # a rename on one filesystem
+    save_beside(model, tokenizer, folder)
+    if move:
+        stream.point(folder, owned=False)
+
+
+def save_beside(model: nn.Module, tokenizer, folder: Path) -> None:
+    """What a checkpoint folder holds besides its weights: config, generation config, tokenizer."""
     model.config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    if move:
-        stream.point(folder, owned=False)
+
+
+def shard_bytes(model: nn.Module) -> int:
+    """Where output shards are cut: like the streamed source's shards, else the default."""
+    stream = stream_of(model)
+    return stream.max_shard_bytes if stream is not None else SHARD_BYTES
+
+
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the model's state, one at a time, keyed as ``state_dict`` keys them: read
+    from the checkpoint a streamed model streams from, tied copies once."""
+    stream = stream_of(model)
+    if stream is not None:
+        for key, ck in stream.keys.items():
+            yield key, stream.current.read(ck)
+        return
+    seen = set()
+    for key, t in model.state_dict().items():
+        if (t.data_ptr(), tuple(t.shape)) in seen:
+            continue
+        seen.add((t.data_ptr(), tuple(t.shape)))
+        yield key, t
 
 
 def random_checkpoint(

@@ -3,6 +3,9 @@
 An exporter is ``export(model, tokenizer, folder)``: it writes into ``folder`` (a temporary folder
 that becomes the output only when everything succeeded; the run record is added next to it by
 :func:`prunewise.run.saving.save_run`). A new output format is one function here.
+
+``sparse`` writes :mod:`prunewise.sparse.checkpoint`'s compressed format one tensor at a time (a
+streamed model's from its checkpoint on disk); ``prunewise.load`` reads it back.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..model.streaming import export, stream_of
+from ..model.streaming import export, save_beside, shard_bytes, state_tensors, stream_of
 from ..registry import Registry
+from ..sparse.checkpoint import write_sparse
 
 EXPORTERS = Registry("format")
 
@@ -29,3 +33,13 @@ def safetensors(model: nn.Module, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+@EXPORTERS.register(
+    "sparse",
+    summary="compressed sparse safetensors checkpoint (values + bitmask of every matrix it makes smaller) "
+    "+ tokenizer; loads with prunewise.load, runs on the sparse CPU kernel",
+)
+def sparse(model: nn.Module, tokenizer, folder: Path) -> None:
+    write_sparse(folder, state_tensors(model), max_shard_bytes=shard_bytes(model))
+    save_beside(model, tokenizer, folder)
