@@ -61,6 +61,14 @@ inline uint32_t chunk_bits(const uint8_t* m, int64_t c, int64_t mbytes) {
   return bits;
 }
 
+// fn(column, index of its value) for every set bit of one row's mask, in column order.
+template <typename Fn>
+inline void for_each_set_bit(const uint8_t* m, int64_t mbytes, int64_t k, Fn fn) {
+  for (int64_t b = 0; b < mbytes; ++b) {
+    for (uint32_t byte = m[b]; byte; byte &= byte - 1) fn(8 * b + __builtin_ctz(byte), k++);
+  }
+}
+
 template <int KIND>
 void linear_scalar(const float* x, int64_t n, const char* vals, const uint8_t* mask, int64_t mbytes,
                    const int64_t* offs, int64_t cols, float* out, int64_t rows, int64_t r0, int64_t r1) {
@@ -69,17 +77,10 @@ void linear_scalar(const float* x, int64_t n, const char* vals, const uint8_t* m
     const int64_t tn = std::min<int64_t>(16, n - t0);
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t t = 0; t < tn; ++t) acc[t] = 0.f;
-      int64_t k = offs[r];
-      const uint8_t* m = mask + r * mbytes;
-      for (int64_t b = 0; b < mbytes; ++b) {
-        uint32_t byte = m[b];
-        while (byte) {
-          const int64_t c = 8 * b + __builtin_ctz(byte);
-          byte &= byte - 1;
-          const float v = value_at<KIND>(vals, k++);
-          for (int64_t t = 0; t < tn; ++t) acc[t] += v * x[(t0 + t) * cols + c];
-        }
-      }
+      for_each_set_bit(mask + r * mbytes, mbytes, offs[r], [&](int64_t c, int64_t k) {
+        const float v = value_at<KIND>(vals, k);
+        for (int64_t t = 0; t < tn; ++t) acc[t] += v * x[(t0 + t) * cols + c];
+      });
       for (int64_t t = 0; t < tn; ++t) out[(t0 + t) * rows + r] = acc[t];
     }
   }
@@ -90,18 +91,10 @@ void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const 
                    char* dense, int64_t r0, int64_t r1) {
   constexpr int item = item_size(KIND);
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = offs[r];
     char* row = dense + r * cols * item;
     std::memset(row, 0, cols * item);
-    const uint8_t* m = mask + r * mbytes;
-    for (int64_t b = 0; b < mbytes; ++b) {
-      uint32_t byte = m[b];
-      while (byte) {
-        const int64_t c = 8 * b + __builtin_ctz(byte);
-        byte &= byte - 1;
-        std::memcpy(row + c * item, vals + (k++) * item, item);
-      }
-    }
+    for_each_set_bit(mask + r * mbytes, mbytes, offs[r],
+                     [&](int64_t c, int64_t k) { std::memcpy(row + c * item, vals + k * item, item); });
   }
 }
 
