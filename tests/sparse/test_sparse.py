@@ -16,7 +16,7 @@ from prunewise.storage.shards import INDEX
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # odd sizes, a tail of at most 8 columns, exactly 16, one column, long rows
-SHAPES = [(7, 5), (33, 17), (5, 16), (9, 1), (13, 40), (64, 576), (3, 1543)]
+SHAPES = [(7, 5), (33, 17), (5, 16), (9, 1), (13, 40), (6, 100), (64, 576), (3, 1543)]
 
 
 def sparse(shape, dtype, density=0.3, seed=0):
@@ -72,7 +72,8 @@ def test_kernel_equals_dense_matmul(shape, dtype):
     w = sparse(shape, dtype)
     values, mask = bitmask.pack(w)
     offsets = bitmask.row_offsets(mask)
-    assert torch.equal(bits(kernel.ext().unpack(kernel.padded(values), mask, offsets, shape[-1])), bits(w))
+    out = torch.full(shape, 7.0).to(dtype)  # a used scratch matrix: every element is overwritten
+    assert torch.equal(bits(kernel.unpack(kernel.padded(values), mask, offsets, shape, out)), bits(w))
     for n in (1, 3, 8, 13, 16):
         x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(n))
         got = kernel.ext().linear(x, kernel.padded(values), mask, offsets, shape[-1])
@@ -89,11 +90,12 @@ def test_sparse_linear_matches_linear_for_decode_and_prefill(dtype):
         lin.weight.copy_(sparse((24, 40), dtype))
     sl = kernel.SparseLinear.from_linear(lin)
     assert sl.nbytes == int((lin.weight != 0).sum()) * lin.weight.element_size() + 24 * 5
-    for tokens in (1, kernel.KERNEL_TOKENS, kernel.KERNEL_TOKENS + 1):  # kernel, kernel, dense fallback
-        x = torch.randn(2, tokens, 40).to(dtype)
+    limit = kernel.KERNEL_TOKENS[dtype]
+    for tokens in (1, limit, limit + 1, 2 * limit + 1):  # kernel, kernel, dense, dense on a reused scratch
+        x = torch.randn(1, tokens, 40).to(dtype)
         want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
         got = sl(x)
-        assert got.dtype == dtype and got.shape == (2, tokens, 24)
+        assert got.dtype == dtype and got.shape == (1, tokens, 24)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert torch.allclose(got.float(), want, rtol=tol, atol=tol)
 

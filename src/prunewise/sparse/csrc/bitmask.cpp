@@ -100,6 +100,10 @@ void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const 
 
 #if defined(__AVX512F__)
 
+// Values are prefetched this many bytes ahead: the hardware prefetcher alone leaves a cold 70%
+// sparse fp32 matrix read at about half the machine's bandwidth (benchmarks/RESULTS.md).
+constexpr int PREFETCH = 4096;
+
 template <int KIND>
 inline __m512 expand16(const char* p, __mmask16 bits) {
   if constexpr (KIND == F32) {
@@ -116,30 +120,51 @@ inline __m512 expand16(const char* p, __mmask16 bits) {
   }
 }
 
-// One weight row against T token rows (x and out start at the tile's first token).
+// One weight row against T token rows (x and out start at the tile's first token). With one or two
+// token rows a single accumulator per token would make every chunk wait for the previous chunk's
+// FMA, so U consecutive chunks go to U independent accumulators.
 template <int KIND, int T>
 inline void row_tile(const float* x, const char* p, const uint8_t* m, int64_t mbytes, int64_t cols, float* out,
                      int64_t rows) {
   constexpr int item = item_size(KIND);
+  constexpr int U = T >= 4 ? 1 : (T == 2 ? 2 : 4);
   const int64_t full = cols / 16;
   const int rem = static_cast<int>(cols % 16);
-  __m512 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < full; ++c) {
+  __m512 acc[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + U <= full; c += U) {
+    uint64_t group = 0;
+    std::memcpy(&group, m + 2 * c, 2 * U);
+    for (int u = 0; u < U; ++u) {
+      const uint16_t bits = static_cast<uint16_t>(group >> (16 * u));
+      if (u == 0) _mm_prefetch(p + PREFETCH, _MM_HINT_T0);
+      const __m512 w = expand16<KIND>(p, bits);
+      p += __builtin_popcount(bits) * item;
+      for (int t = 0; t < T; ++t)
+        acc[u][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * cols + 16 * (c + u)), acc[u][t]);
+    }
+  }
+  for (; c < full; ++c) {
     uint16_t bits;
     std::memcpy(&bits, m + 2 * c, 2);
     const __m512 w = expand16<KIND>(p, bits);
     p += __builtin_popcount(bits) * item;
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * cols + 16 * c), acc[t]);
+    for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * cols + 16 * c), acc[0][t]);
   }
   if (rem) {
     const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
     const __mmask16 bits = static_cast<__mmask16>(chunk_bits(m, full, mbytes)) & tail;
     const __m512 w = expand16<KIND>(p, bits);
     for (int t = 0; t < T; ++t)
-      acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, x + t * cols + 16 * full), acc[t]);
+      acc[0][t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(tail, x + t * cols + 16 * full), acc[0][t]);
   }
-  for (int t = 0; t < T; ++t) out[t * rows] = _mm512_reduce_add_ps(acc[t]);
+  for (int t = 0; t < T; ++t) {
+    __m512 s = acc[0][t];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
+    out[t * rows] = _mm512_reduce_add_ps(s);
+  }
 }
 
 template <int KIND>
@@ -233,10 +258,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, 
   return out;
 }
 
-torch::Tensor unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols) {
+// W as a dense matrix in the values' dtype, written into `dense` (a caller's scratch matrix that is
+// reused across calls: a fresh one per call costs a page fault per 4 KiB, more than the unpack).
+void unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols, torch::Tensor dense) {
   check(values, mask, offsets, cols);
   const int64_t rows = mask.size(0), mbytes = mask.size(1);
-  auto dense = torch::empty({rows, cols}, values.options());
+  TORCH_CHECK(dense.is_contiguous() && dense.numel() == rows * cols && dense.scalar_type() == values.scalar_type(),
+              "dense: contiguous ", values.scalar_type(), " with ", rows * cols, " elements");
   const char* vp = static_cast<const char*>(values.data_ptr());
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
@@ -251,7 +279,6 @@ torch::Tensor unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor off
     else unpack_scalar<BF16>(vp, mp, mbytes, op, cols, dp, r0, r1);
 #endif
   });
-  return dense;
 }
 
 std::string isa() {
@@ -264,6 +291,6 @@ std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for W as values + bitmask (float32 out)");
-  m.def("unpack", &unpack, "W as a dense matrix in the values' dtype");
+  m.def("unpack", &unpack, "W as a dense matrix in the values' dtype, into a given tensor");
   m.def("isa", &isa, "which code path was compiled: avx512 or scalar");
 }
