@@ -2,40 +2,32 @@
 
     python benchmarks/bench_sparse.py [--model smollm2-135m] [--sparsity 0.5 0.7 0.8] [--dtype float32 bfloat16]
 
-For each dtype and sparsity: the bundled model pruned by magnitude (the kernel's speed depends on
-the sparsity, not on which weights are kept), the block weights' packed bytes against dense, one
-matmul per distinct layer shape at 1 and 8 tokens (dense ``F.linear`` on the pruned weight vs the
-kernel), and greedy decode tokens/s at batch 1 and 8 for the dense source, the pruned model run
-densely, and the pruned model on the kernel, each with and without flushing subnormals. Medians;
-one row per figure appended to ``benchmarks/results/sparse.jsonl``. Run it alone on the machine.
+For each dtype and sparsity: the model pruned by magnitude in memory (the kernel's speed depends
+on the sparsity, not on which weights are kept), then :func:`prunewise.evaluation.speed.measure`
+on the dense source, the pruned model run densely and the pruned model on the kernel, timed in
+turns: sizes, prefill and decode tokens/s, one pass over each layer shape's layers at each row
+count. One JSON line per report appended to ``benchmarks/results/sparse.jsonl`` (the same fields
+as ``prunewise speed --json``). Run it alone on the machine: figures are medians of ``--repeat``
+rounds, and decode at batch 1 on this shared 2-core machine spreads by about ±20% between runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 import prunewise as pw
-from prunewise.evaluation.speed import decode, timed
+from prunewise.evaluation.speed import measure, tables
 from prunewise.model.blocks import BlockSource
 from prunewise.sparse import kernel
 
 OUT = Path(__file__).parent / "results" / "sparse.jsonl"
-
-
-def to_sparse(model: nn.Module) -> nn.Module:
-    for _, name, module in BlockSource(model).all_linears():
-        if type(module) is nn.Linear:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, kernel.SparseLinear.from_linear(module))
-    return model
 
 
 def main() -> None:
@@ -43,59 +35,41 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8])
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--decode", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[512], help="prefill lengths at batch 1")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512], help="rows of the per-layer matmuls")
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    kernel.ext()
-    rows = []
-
-    def emit(**row):
-        row.update(model=args.model, threads=torch.get_num_threads(), isa=kernel.isa(), date=time.strftime("%F"))
-        print(json.dumps(row))
-        rows.append(row)
-
-    cpu = torch.device("cpu")
     for dtype in args.dtype:
         dense, _, _ = pw.load_model(args.model, dtype)
-        for flush in (False, True):
-            torch.set_flush_denormal(flush)
-            for r in decode(dense, [1, 8], args.steps, 32, cpu, args.repeat, "dense"):
-                emit(kind="decode", dtype=dtype, sparsity=0.0, flush=flush, variant="dense source", **r)
         for s in args.sparsity:
             pruned = copy.deepcopy(dense)
             names = [name for _, name, _ in BlockSource(pruned).all_linears()]
-            pw.prune_model(pruned, None, metric="magnitude", allocation=dict.fromkeys(names, s),
-                           pattern=pw.parse_pattern("unstructured"), progress=False)
-            blocks = [m.weight for _, _, m in BlockSource(pruned).all_linears()]
-            dense_bytes = sum(w.numel() * w.element_size() for w in blocks)
-            sparse = to_sparse(copy.deepcopy(pruned))
-            packed = sum(m.nbytes for m in sparse.modules() if isinstance(m, kernel.SparseLinear))
-            emit(kind="size", dtype=dtype, sparsity=s, block_dense_bytes=dense_bytes, block_packed_bytes=packed,
-                 ratio=packed / dense_bytes)
-            seen = set()
-            for m in sparse.modules():
-                if not isinstance(m, kernel.SparseLinear):
-                    continue
-                shape = (m.out_features, m.in_features)
-                if shape in seen:
-                    continue
-                seen.add(shape)
-                w = m.dense_weight()
-                for n in (1, 8):
-                    x = torch.randn(n, shape[1]).to(w.dtype)
-                    d = timed(lambda x=x, w=w: F.linear(x, w), cpu, 20)
-                    k = timed(lambda x=x, m=m: m(x), cpu, 20)
-                    emit(kind="layer", dtype=dtype, sparsity=s, shape=list(shape), tokens=n, dense_ms=1e3 * d,
-                         kernel_ms=1e3 * k, speedup=d / k, packed_bytes=m.nbytes, kernel_gb_s=m.nbytes / k / 1e9)
-            for flush in (False, True):
-                torch.set_flush_denormal(flush)
-                for label, model in (("pruned, dense", pruned), ("pruned, kernel", sparse)):
-                    for r in decode(model, [1, 8], args.steps, 32, cpu, args.repeat, label):
-                        emit(kind="decode", dtype=dtype, sparsity=s, flush=flush, variant=label, **r)
-        torch.set_flush_denormal(False)
-    with OUT.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+            pw.prune_model(
+                pruned,
+                None,
+                metric="magnitude",
+                allocation=dict.fromkeys(names, s),
+                pattern=pw.parse_pattern("unstructured"),
+                progress=False,
+            )
+            report = measure(
+                pruned,
+                dense,
+                sparse=kernel.with_kernel(pruned),
+                shapes=[(1, n) for n in args.prefill],
+                decode_batches=args.decode,
+                steps=args.steps,
+                tokens=args.tokens,
+                repeat=args.repeat,
+            )
+            print(f"\n{args.model}, magnitude {s:.0%}\n{tables(report)}", flush=True)
+            row = dict(model=args.model, sparsity=s, threads=torch.get_num_threads(), date=time.strftime("%F"))
+            row.update(dataclasses.asdict(report))
+            with OUT.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            del pruned, report
 
 
 if __name__ == "__main__":

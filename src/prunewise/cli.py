@@ -21,7 +21,7 @@ from .errors import PrunewiseError
 from .evaluation.speed import measure, tables
 from .model.assets import BUNDLED
 from .model.conversion import convert_gguf
-from .model.loading import TORCH_DTYPES, load_model
+from .model.loading import TORCH_DTYPES, load_model, load_sparse
 from .model.malloc import keep_freed_memory
 from .model.memory import STREAM_CHOICES
 from .prune.engine import MODES, PROPAGATE
@@ -35,6 +35,8 @@ from .run.pipeline import RunOptions, run
 from .run.record import RECORD, RunRecord
 from .run.results import read_results
 from .run.trials import Executor
+from .sparse.checkpoint import is_sparse
+from .sparse.kernel import ext, with_kernel
 from .storage.cache import default_cache_dir, resolve_cache_dir
 from .sweep import Sweep, SweepOptions, label, run_key, run_sweep
 from .version import __version__
@@ -221,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "speed",
         help="inference speed of a pruned run against its dense source",
-        description="Prefill and decode tokens/s of a prunewise run and its dense source, and "
-        "per-layer matmul times; 2:4 layers also through sparse kernels on GPUs that have them.",
+        description="Prefill and decode tokens/s of a prunewise run's dense source, its pruned model run "
+        "densely and (CPU) on the sparse kernel, timed in turns; per-layer matmul times with the bytes the "
+        "kernel reads against the memory bandwidth; checkpoint sizes; 2:4 layers through sparse kernels on "
+        "GPUs that have them.",
     )
     sp.add_argument("--model", required=True, help="a prunewise run folder (or any model: then measured alone)")
     sp.add_argument("--device", default=None, help="cpu or cuda[:N] (default $PRUNEWISE_DEVICE, else cpu)")
@@ -232,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shapes", default="1x128,1x512,4x512", help="prefill shapes, BATCHxLENGTH, comma-separated")
     sp.add_argument("--decode", default="1,16", help="decode batch sizes, comma-separated")
     sp.add_argument("--steps", type=int, default=32, help="tokens generated per decode measurement")
-    sp.add_argument("--tokens", type=int, default=2048, help="rows of the per-layer matmuls")
+    sp.add_argument(
+        "--tokens", default="1,8,2048", help="rows of the per-layer matmuls, comma-separated (default 1,8,2048)"
+    )
+    sp.add_argument("--no-kernel", action="store_true", help="do not measure the pruned model on the sparse CPU kernel")
     sp.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
     sp.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     _common(sp)
@@ -428,7 +435,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     if any(not isinstance(s, tuple) or len(s) != 2 for s in shapes):
         raise PrunewiseError(f"shapes: expected BATCHxLENGTH items, got '{args.shapes}'")
     batches = _ints(args.decode, "decode")
-    for name in ("steps", "tokens", "repeat"):
+    _ints(args.tokens, "tokens")
+    for name in ("steps", "repeat"):
         if getattr(args, name) < 1:
             raise PrunewiseError(f"{name}: must be at least 1, got {getattr(args, name)}")
     device = args.device or default_device()
@@ -439,14 +447,22 @@ def cmd_speed(args: argparse.Namespace) -> int:
     dense = None
     if (path / RECORD).is_file():
         dense, _ = load_dense_source(RunRecord.read(path), args.dtype, cache_dir, args.trust_remote_code)
+    sparse = None
+    if device.split(":")[0] == "cpu" and not args.no_kernel:
+        if path.is_dir() and is_sparse(path):  # as pw.load gives it
+            dtype = TORCH_DTYPES.get(args.dtype, "auto")
+            sparse = load_sparse(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        else:
+            sparse = with_kernel(pruned) if ext() is not None else None
     report = measure(
         pruned,
         dense,
+        sparse=sparse,
         device=device,
         shapes=shapes,
         decode_batches=batches,
         steps=args.steps,
-        tokens=args.tokens,
+        tokens=_ints(args.tokens, "tokens"),
         repeat=args.repeat,
     )
     print(tables(report))

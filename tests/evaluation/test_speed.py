@@ -1,5 +1,6 @@
-"""`prunewise speed`: a run against its dense source, every figure present, and an honest note
-where no sparse kernel runs (the CPU). Timings themselves are not asserted (benchmarks/)."""
+"""`prunewise speed`: a run's dense source, its pruned model run densely and on the sparse kernel,
+every figure present, sizes and bytes exact, and an honest note where nothing skips zeros. Timings
+themselves are not asserted (benchmarks/)."""
 
 import json
 
@@ -10,7 +11,14 @@ from prunewise.cli import main
 from prunewise.evaluation.speed import _step, is_2_4
 
 
-def test_speed_of_a_2_4_run_against_its_dense_source(tokenizer, text_file, tmp_path, capsys):
+def _speed(run, out, *flags):
+    args = ["speed", "--model", str(run), "--shapes", "1x16,2x16", "--decode", "1,2", "--steps", "3"]
+    args += ["--tokens", "1,8", "--repeat", "1", "--json", str(out), "-q", "--device", "cpu", *flags]
+    assert main(args) == 0
+    return json.loads(out.read_text())
+
+
+def test_speed_of_a_2_4_run_three_ways(tokenizer, text_file, tmp_path, capsys):
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)
     tokenizer.save_pretrained(src)
@@ -18,59 +26,39 @@ def test_speed_of_a_2_4_run_against_its_dense_source(tokenizer, text_file, tmp_p
     assert (
         main(["prune", "--model", str(src), "--metric", "magnitude", "--pattern", "2:4", "--out", str(run), "-q"]) == 0
     )
-    out = tmp_path / "speed.json"
-    assert (
-        main(
-            [
-                "speed",
-                "--model",
-                str(run),
-                "--shapes",
-                "1x16,2x16",
-                "--decode",
-                "1,2",
-                "--steps",
-                "3",
-                "--tokens",
-                "8",
-                "--repeat",
-                "1",
-                "--json",
-                str(out),
-                "-q",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    report = _speed(run, tmp_path / "speed.json")
     printed = capsys.readouterr().out
-    report = json.loads(out.read_text())
+    three = ["dense source", "pruned, dense", "pruned, sparse kernel"]
     assert [(r["model"], r["batch"], r["length"]) for r in report["prefill"]] == [
-        ("dense", 1, 16),
-        ("dense", 2, 16),
-        ("pruned", 1, 16),
-        ("pruned", 2, 16),
+        (m, b, 16) for b in (1, 2) for m in three
     ]
     assert [(r["model"], r["batch"], r["steps"]) for r in report["decode"]] == [
-        ("dense", 1, 3),
-        ("dense", 2, 3),
-        ("pruned", 1, 3),
-        ("pruned", 2, 3),
+        (m, b, 3) for b in (1, 2) for m in three
     ]
     assert all(r["tokens_per_s"] > 0 for r in report["prefill"] + report["decode"])
-    # tiny llama, 3 blocks: q/k/v/o 32x32, gate/up 64x32, down 32x64
-    assert sorted((tuple(r["shape"]), r["count"]) for r in report["layers"]) == [
-        ((32, 32), 12),
-        ((32, 64), 3),
-        ((64, 32), 6),
+    # tiny llama, 3 blocks: q/k/v/o 32x32, gate/up 64x32, down 32x64; each at 1 and 8 rows
+    assert sorted((tuple(r["shape"]), r["count"], r["tokens"]) for r in report["layers"]) == [
+        (s, c, n) for s, c in (((32, 32), 12), ((32, 64), 3), ((64, 32), 6)) for n in (1, 8)
     ]
-    assert all(r["nm"] and r["sparsity"] == 0.5 and r["sparse_ms"] is None for r in report["layers"])
-    assert len(report["notes"]) == 1 and report["notes"][0].startswith(
-        "cpu: no sparse matmul kernel on this device: the pruned model runs the same dense matmuls as the dense "
-        "one, so its zeros buy no speed here"
+    for r in report["layers"]:
+        assert r["nm"] and r["sparsity"] == 0.5 and r["sparse_ms"] is None and r["kernel_ms"] > 0
+        rows, cols = r["shape"]
+        assert r["kernel_bytes"] == rows * cols // 2 * 4 + rows * cols // 8  # fp32 values + one bit per weight
+        assert r["on_kernel"] == (r["tokens"] <= 12)
+    z = report["sizes"]
+    packed = 12 * (32 * 32 // 2 * 4 + 32 * 4) + 6 * (64 * 16 * 4 + 64 * 4) + 3 * (32 * 32 * 4 + 32 * 8)
+    dense_layers = (12 * 32 * 32 + 9 * 64 * 32) * 4
+    assert (z["packed_layers"], z["packed_layers_dense"]) == (packed, dense_layers)
+    assert z["sparse"] == z["dense"] - dense_layers + packed
+    assert z["decode_read_dense"] - z["decode_read_sparse"] == dense_layers - packed
+    assert report["notes"] == [] and report["kernel_isa"] in ("avx512", "scalar")
+    assert "vs source" in printed and "decode can be at most" in printed
+    plain = _speed(run, tmp_path / "plain.json", "--no-kernel")
+    assert {r["model"] for r in plain["decode"]} == {"dense source", "pruned, dense"}
+    assert all(r["kernel_ms"] is None for r in plain["layers"])
+    assert len(plain["notes"]) == 1 and plain["notes"][0].startswith(
+        "cpu: no 2:4 sparse matmul kernel on this device, and no sparse kernel measured"
     )
-    assert "prefill tokens/s" in printed and "note: cpu: no sparse matmul kernel" in printed
 
 
 def test_decode_step_uses_the_cache_and_matches_a_full_forward():

@@ -11,6 +11,7 @@ from helpers import ARCHS, make_tokenizer, sharded_checkpoint, tiny_model
 from prunewise.cli import main
 from prunewise.errors import PrunewiseError
 from prunewise.model.blocks import BlockSource
+from prunewise.sparse import kernel
 from prunewise.sparse.checkpoint import read_spec
 from prunewise.sparse.kernel import SparseLinear
 
@@ -72,3 +73,73 @@ def test_a_sparse_folder_prunes_and_evaluates_unpacked_and_refuses_to_stream(tmp
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
     with pytest.raises(PrunewiseError, match="does not stream"):
         pw.load_model(str(tmp_path / "sparse"), stream=True)
+
+
+def mixtral():
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=len(make_tokenizer()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    "case, flags",
+    [("2:4", ["--pattern", "2:4", "--sparsity", "0.5"]), ("bfloat16", []), ("float16", []), ("experts", [])],
+)
+def test_every_kind_of_run_round_trips_bit_for_bit(case, flags, tmp_path):
+    src = tmp_path / "src"
+    model = mixtral() if case == "experts" else tiny_model("llama")
+    model.to(getattr(torch, case) if case.endswith("16") else torch.float32).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    args = ["prune", "--model", str(src), "--metric", "magnitude", "--no-eval", "-q", *flags]
+    args += [] if flags else ["--sparsity", "0.7"]
+    assert main([*args, "--out", str(tmp_path / "dense")]) == 0
+    assert main([*args, "--out", str(tmp_path / "sparse"), "--format", "sparse"]) == 0
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    got, _ = pw.load(tmp_path / "sparse", kernel=False)
+    for key, t in want.state_dict().items():
+        assert t.dtype == got.state_dict()[key].dtype and torch.equal(bits(got.state_dict()[key]), bits(t)), key
+    if case == "2:4":
+        w = want.model.layers[0].mlp.up_proj.weight
+        assert bool(((w == 0).view(w.shape[0], -1, 4).sum(-1) == 2).all())
+    pruned = {k for k, t in want.state_dict().items() if t.dim() >= 2 and (t == 0).double().mean() >= 0.5}
+    assert set(read_spec(tmp_path / "sparse")["tensors"]) == pruned  # fused 3-D expert tensors included
+    if case == "experts":
+        assert any(want.state_dict()[k].dim() == 3 for k in pruned)
+
+
+def test_kernel_models_in_another_dtype_and_from_a_dense_run(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("qwen2").save_pretrained(src)  # biases on q/k/v
+    make_tokenizer().save_pretrained(src)
+    prune(src, tmp_path / "dense")
+    prune(src, tmp_path / "sparse", "--format", "sparse")
+    ids = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(1))
+    dense16, _ = pw.load(tmp_path / "dense", dtype="bfloat16")
+    sparse16, _ = pw.load(tmp_path / "sparse", dtype="bfloat16")
+    layers = [m for m in sparse16.modules() if isinstance(m, SparseLinear)]
+    assert layers and all(m.dtype == torch.bfloat16 for m in layers)  # converted, still on the kernel
+    for name, m in sparse16.named_modules():
+        if isinstance(m, SparseLinear):  # the packed values converted equal the dense weight converted
+            assert torch.equal(m.dense_weight(), dense16.get_submodule(name).weight)
+    pruned, _ = pw.load(tmp_path / "dense")
+    on_kernel = kernel.with_kernel(pruned)
+    assert on_kernel.model.embed_tokens.weight is pruned.model.embed_tokens.weight  # shared, not copied
+    assert sum(isinstance(m, SparseLinear) for m in on_kernel.modules()) == len(layers)
+    assert not any(isinstance(m, SparseLinear) for m in pruned.modules())  # the source is left as it was
+    with torch.no_grad():
+        ref = pruned(input_ids=ids).logits
+        assert torch.allclose(on_kernel(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+        for n in range(1, 5):  # decode-sized calls on the kernel
+            assert torch.allclose(on_kernel(input_ids=ids[:, :n]).logits, ref[:, :n], rtol=1e-4, atol=1e-4)

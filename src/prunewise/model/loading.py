@@ -266,8 +266,8 @@ def load_sparse(folder: Path, *, kernel: bool = True, dtype="auto", trust_remote
     """The model of a compressed sparse checkpoint (:mod:`prunewise.sparse.checkpoint`), read one
     tensor at a time into a weightless skeleton: packed weights of ``nn.Linear`` layers become
     :class:`~prunewise.sparse.kernel.SparseLinear` with ``kernel``, every other packed tensor is
-    unpacked (bit for bit). ``dtype`` other than the stored one converts the dense tensors and
-    unpacks every packed one."""
+    unpacked (bit for bit). ``dtype`` other than the stored one converts every tensor (packed values
+    too: the result equals the dense checkpoint converted)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -290,11 +290,12 @@ def load_sparse(folder: Path, *, kernel: bool = True, dtype="auto", trust_remote
     for key, p in packed.items():  # after the dense tensors: a layer's bias is in place
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner)
-        if kernel and dtype == "auto" and attr == "weight" and type(module) is nn.Linear and len(p.shape) == 2:
-            bias = module.bias.detach() if module.bias is not None else None
+        if kernel and attr == "weight" and type(module) is nn.Linear and len(p.shape) == 2:
+            bias = module.bias.detach() if module.bias is not None else None  # converted with the dense tensors
+            values = p.values if dtype == "auto" else p.values.to(dtype)  # zeros stay zeros: as dense .to(dtype)
             parent, _, child = owner.rpartition(".")
             setattr(
-                model.get_submodule(parent) if parent else model, child, SparseLinear(p.values, p.mask, p.shape, bias)
+                model.get_submodule(parent) if parent else model, child, SparseLinear(values, p.mask, p.shape, bias)
             )
         else:
             w = p.unpack()

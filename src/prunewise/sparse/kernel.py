@@ -21,11 +21,13 @@ float32 whatever the weight's dtype (bf16 and fp16 values are widened exactly), 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -100,6 +102,22 @@ def isa() -> str:
     return module.isa() if module is not None else "none"
 
 
+def read_bandwidth(megabytes: int = 512, repeat: int = 5) -> float | None:
+    """GB/s of one streaming read of ``megabytes`` of memory by every thread (median of ``repeat``),
+    the bound on a kernel that reads its weights once per call; None without the kernel."""
+    module = ext()
+    if module is None:
+        return None
+    a = torch.ones(megabytes * 2**20 // 4)
+    module.read_all(a)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        module.read_all(a)
+        times.append(time.perf_counter() - t0)
+    return a.numel() * 4 / sorted(times)[len(times) // 2] / 1e9
+
+
 def padded(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.reshape(-1), values.new_zeros(PAD)])
 
@@ -163,24 +181,47 @@ class SparseLinear(nn.Module):
         return (self.values.numel() - PAD) * self.values.element_size() + self.mask.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        rows = x.numel() // self.in_features
-        module = ext() if x.device.type == "cpu" and rows <= KERNEL_TOKENS.get(self.dtype, 0) else None
-        if module is None:
-            shape = (self.out_features, self.in_features)
-            weight = unpack(self.values, self.mask, self.offsets, shape, scratch(self.dtype, shape))
+        # Decode calls are short: each attribute of a module and each tensor op costs about a
+        # microsecond, as much as a small layer's kernel, so nothing is looked up or converted twice.
+        values, cols = self.values, self.in_features
+        rows = x.numel() // cols
+        module = (_EXT[0] if _EXT else ext()) if rows <= KERNEL_TOKENS.get(values.dtype, 0) else None
+        if module is None or x.device.type != "cpu":  # prefill, or no kernel: unpack to a scratch matrix, matmul
+            shape = (self.out_features, cols)
+            weight = unpack(values, self.mask, self.offsets, shape, scratch(values.dtype, shape))
             return F.linear(x, weight.to(x.dtype), self.bias)
-        y = module.linear(
-            x.reshape(rows, self.in_features).float().contiguous(),
-            self.values,
-            self.mask,
-            self.offsets,
-            self.in_features,
-        )
-        if self.bias is not None:
-            y += self.bias.float()
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        flat = x.reshape(rows, cols)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        y = module.linear(flat.contiguous(), values, self.mask, self.offsets, cols)
+        bias = self.bias
+        if bias is not None:
+            y += bias
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         density = (self.values.numel() - PAD) / max(self.out_features * self.in_features, 1)
         return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}"
+
+
+def packable(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` whose weight is smaller packed (:func:`bitmask.worth_packing`)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and bitmask.worth_packing(m.weight.detach())
+    }
+
+
+def with_kernel(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose packable ``nn.Linear`` layers are :class:`SparseLinear`, sharing
+    every other tensor with ``model`` (so it costs only the packed weights); None when nothing is
+    worth packing."""
+    layers = packable(model)
+    if not layers:
+        return None
+    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    memo.update({id(m): SparseLinear.from_linear(m) for m in layers.values()})
+    return copy.deepcopy(model, memo)

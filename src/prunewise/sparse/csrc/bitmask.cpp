@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -88,10 +89,10 @@ void linear_scalar(const float* x, int64_t n, const char* vals, const uint8_t* m
 
 template <int KIND>
 void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const int64_t* offs, int64_t cols,
-                   char* dense, int64_t r0, int64_t r1) {
+                   char* dense, int64_t d0, int64_t r0, int64_t r1) {
   constexpr int item = item_size(KIND);
   for (int64_t r = r0; r < r1; ++r) {
-    char* row = dense + r * cols * item;
+    char* row = dense + (r - d0) * cols * item;
     std::memset(row, 0, cols * item);
     for_each_set_bit(mask + r * mbytes, mbytes, offs[r],
                      [&](int64_t c, int64_t k) { std::memcpy(row + c * item, vals + k * item, item); });
@@ -190,7 +191,7 @@ void linear_avx512(const float* x, int64_t n, const char* vals, const uint8_t* m
 
 template <int KIND>
 void unpack_avx512(const char* vals, const uint8_t* mask, int64_t mbytes, const int64_t* offs, int64_t cols,
-                   char* dense, int64_t r0, int64_t r1) {
+                   char* dense, int64_t d0, int64_t r0, int64_t r1) {
   constexpr int item = item_size(KIND);
   const int64_t full = cols / 16;
   const int rem = static_cast<int>(cols % 16);
@@ -198,7 +199,7 @@ void unpack_avx512(const char* vals, const uint8_t* mask, int64_t mbytes, const 
   for (int64_t r = r0; r < r1; ++r) {
     const char* p = vals + offs[r] * item;
     const uint8_t* m = mask + r * mbytes;
-    char* row = dense + r * cols * item;
+    char* row = dense + (r - d0) * cols * item;
     for (int64_t c = 0; c <= full; ++c) {
       if (c == full && !rem) break;
       const __mmask16 bits = static_cast<__mmask16>(chunk_bits(m, c, mbytes)) & (c == full ? tail : 0xFFFF);
@@ -225,10 +226,33 @@ void check(const torch::Tensor& values, const torch::Tensor& mask, const torch::
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: uint8 [rows, bytes]");
   TORCH_CHECK(mask.size(1) == (cols + 7) / 8, "mask: ", mask.size(1), " bytes per row for ", cols, " columns");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: int64 [rows + 1]");
-  TORCH_CHECK(values.numel() >= offsets[-1].item<int64_t>() + 16, "values: 16 elements of padding needed");
+  TORCH_CHECK(values.numel() >= offsets.data_ptr<int64_t>()[mask.size(0)] + 16, "values: 16 elements of padding needed");
 }
 
-int64_t grain(int64_t rows) { return std::max<int64_t>(16, rows / (4 * at::get_num_threads())); }
+// Rows per task: at least 64 Ki weights each, so a small layer is not split across threads (waking
+// one costs more than it saves there), and about four tasks per thread in a large one.
+int64_t grain(int64_t rows, int64_t cols) {
+  return std::max<int64_t>({16, (65536 + cols - 1) / std::max<int64_t>(cols, 1), rows / (4 * at::get_num_threads())});
+}
+
+// Rows [r0, r1) of W into `dense`, whose first row is row d0, over torch's threads.
+void unpack_rows(const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets, int64_t cols,
+                 char* dense, int64_t d0, int64_t r0, int64_t r1) {
+  const int64_t mbytes = mask.size(1);
+  const char* vp = static_cast<const char*>(values.data_ptr());
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const Kind kind = kind_of(values);
+  at::parallel_for(r0, r1, grain(r1 - r0, cols), [&](int64_t a, int64_t b) {
+#if defined(__AVX512F__)
+    if (kind == F32) unpack_avx512<F32>(vp, mp, mbytes, op, cols, dense, d0, a, b);
+    else unpack_avx512<BF16>(vp, mp, mbytes, op, cols, dense, d0, a, b);  // 16-bit values move as integers
+#else
+    if (kind == F32) unpack_scalar<F32>(vp, mp, mbytes, op, cols, dense, d0, a, b);
+    else unpack_scalar<BF16>(vp, mp, mbytes, op, cols, dense, d0, a, b);
+#endif
+  });
+}
 
 }  // namespace
 
@@ -244,7 +268,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, 
   const int64_t* op = offsets.data_ptr<int64_t>();
   float* outp = out.data_ptr<float>();
   const Kind kind = kind_of(values);
-  at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(rows, cols), [&](int64_t r0, int64_t r1) {
 #if defined(__AVX512F__)
     if (kind == F32) linear_avx512<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
     else if (kind == BF16) linear_avx512<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
@@ -260,25 +284,42 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, 
 
 // W as a dense matrix in the values' dtype, written into `dense` (a caller's scratch matrix that is
 // reused across calls: a fresh one per call costs a page fault per 4 KiB, more than the unpack).
+// W as a dense matrix in the values' dtype, written into `dense` (a caller's scratch matrix that is
+// reused across calls: a fresh one per call costs a page fault per 4 KiB, more than the unpack).
 void unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols, torch::Tensor dense) {
   check(values, mask, offsets, cols);
-  const int64_t rows = mask.size(0), mbytes = mask.size(1);
+  const int64_t rows = mask.size(0);
   TORCH_CHECK(dense.is_contiguous() && dense.numel() == rows * cols && dense.scalar_type() == values.scalar_type(),
               "dense: contiguous ", values.scalar_type(), " with ", rows * cols, " elements");
-  const char* vp = static_cast<const char*>(values.data_ptr());
-  const uint8_t* mp = mask.data_ptr<uint8_t>();
-  const int64_t* op = offsets.data_ptr<int64_t>();
-  char* dp = static_cast<char*>(dense.data_ptr());
-  const Kind kind = kind_of(values);
-  at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+  unpack_rows(values, mask, offsets, cols, static_cast<char*>(dense.data_ptr()), 0, 0, rows);
+}
+
+// The sum of a float32 tensor read once with every thread, several independent accumulators each:
+// what a streaming read of memory costs here, the bound the kernel is measured against.
+double read_all(torch::Tensor a) {
+  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && a.is_contiguous() && a.device().is_cpu(), "a: contiguous float32");
+  const float* p = a.data_ptr<float>();
+  const int64_t n = a.numel();
+  std::vector<double> parts(at::get_num_threads(), 0.0);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    double t = 0.0;
+    int64_t i = i0;
 #if defined(__AVX512F__)
-    if (kind == F32) unpack_avx512<F32>(vp, mp, mbytes, op, cols, dp, r0, r1);
-    else unpack_avx512<BF16>(vp, mp, mbytes, op, cols, dp, r0, r1);  // 16-bit values move as integers
-#else
-    if (kind == F32) unpack_scalar<F32>(vp, mp, mbytes, op, cols, dp, r0, r1);
-    else unpack_scalar<BF16>(vp, mp, mbytes, op, cols, dp, r0, r1);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 64 <= i1; i += 64) {
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p + i + 16));
+      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p + i + 32));
+      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
+    }
+    t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 #endif
+    for (; i < i1; ++i) t += p[i];
+    parts[at::get_thread_num()] += t;
   });
+  double total = 0.0;
+  for (double v : parts) total += v;
+  return total;
 }
 
 std::string isa() {
@@ -292,5 +333,6 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for W as values + bitmask (float32 out)");
   m.def("unpack", &unpack, "W as a dense matrix in the values' dtype, into a given tensor");
+  m.def("read_all", &read_all, "sum of a float32 tensor read by every thread (a bandwidth probe)");
   m.def("isa", &isa, "which code path was compiled: avx512 or scalar");
 }
