@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
+from ..sparse.kernel import SparseLinear
 from .experts import ExpertLinear, prepare, routers
 
 
@@ -51,7 +52,7 @@ def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, 
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             kinds = {type(child).__name__ for child in module}
             if len(kinds) == 1 and (kinds & classes or not classes):
-                if any(isinstance(m, nn.Linear) or is_conv1d(m) for m in module[0].modules()):
+                if any(isinstance(m, (nn.Linear, SparseLinear)) or is_conv1d(m) for m in module[0].modules()):
                     candidates.append((len(module), name, module))
     if not candidates:
         raise PrunewiseError(
