@@ -147,14 +147,14 @@ def test_kernel_models_in_another_dtype_and_from_a_dense_run(tmp_path):
 
 @pytest.mark.real
 def test_bundled_model_perplexity_on_the_kernel_equals_the_dense_format(tmp_path, monkeypatch):
-    prune("smollm2-135m", tmp_path / "s70", "--format", "sparse")
-    dense, tok = pw.load(tmp_path / "s70", kernel=False)
-    sparse, _ = pw.load(tmp_path / "s70")
+    prune("smollm2-135m", tmp_path / "s50", "--format", "sparse", "--sparsity", "0.5")
+    dense, tok = pw.load(tmp_path / "s50", kernel=False)
+    sparse, _ = pw.load(tmp_path / "s50")
     assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 210
     budget = dict(seqlen=128, max_tokens=2048, progress=False)
     want = pw.evaluate(dense, tok, "wiki", **budget)["ppl"]
     prefill = pw.evaluate(sparse, tok, "wiki", **budget)["ppl"]  # 128-row windows: unpacked, dense matmuls
     monkeypatch.setitem(kernel.KERNEL_TOKENS, torch.float32, 10**6)  # every window on the kernel itself
     on_kernel = pw.evaluate(sparse, tok, "wiki", **budget)["ppl"]
-    assert 20 < want < 5000  # a real perplexity, not a broken model
+    assert 20 < want < 2000  # magnitude 50%: a damaged model, not a broken one (README: 357 on 32k tokens)
     assert abs(prefill - want) / want < 1e-4 and abs(on_kernel - want) / want < 1e-4

@@ -11,12 +11,12 @@ dense matmuls on the unpacked weight instead: results are the same, only slower.
 
 :class:`SparseLinear` replaces an ``nn.Linear`` whose weight is stored compressed: up to
 :data:`KERNEL_TOKENS` token rows per call (decode, small batches) go through the kernel, which
-reads only the compressed bytes; more rows (prefill) unpack the weight into a scratch matrix (one per
-thread and dtype, reused by every layer, as large as the largest weight) and run the dense matmul,
-where the compute, not the bytes read, is the cost (``benchmarks/RESULTS.md``, "Sparse checkpoints",
-gives the measured crossover). Arithmetic is
-float32 whatever the weight's dtype (bf16 and fp16 values are widened exactly), so results equal
-``x @ W.T`` within float32 rounding of a different summation order.
+reads only the compressed bytes; more rows (prefill) unpack the weight into a scratch matrix (one
+per thread and dtype, reused by every layer, as large as the largest weight) and run the dense
+matmul, where the compute, not the bytes read, is the cost (``benchmarks/RESULTS.md``, "Sparse
+checkpoints", gives the measured crossover). The kernel's arithmetic is float32 whatever the
+weight's dtype (bf16 and fp16 values are widened exactly), so results equal ``x @ W.T`` within
+float32 rounding of a different summation order.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
 # At most this many token rows per call run on the kernel; more unpack the weight and matmul densely.
-# Measured crossovers (benchmarks/RESULTS.md, "Sparse checkpoints"): in float32 the kernel wins up to
-# 12 rows; with 16-bit weights torch's dense matmul (oneDNN, AMX where there is one) overtakes it
-# after 2 to 4 rows, so 2.
+# Measured crossovers (benchmarks/RESULTS.md, "Sparse checkpoints"): in float32 the kernel beats the
+# dense matmul up to 12 rows; with 16-bit weights torch's dense matmul (oneDNN, AMX where there is
+# one) overtakes it after 2 to 4 rows, so 2. (At 3-8 rows the kernel would still beat unpacking,
+# measured apart; not yet measured on a whole model, so not the default.)
 KERNEL_TOKENS = {torch.float32: 12, torch.bfloat16: 2, torch.float16: 2}
 
 PAD = 16  # elements of padding after the values: the kernel reads 16 at a time
