@@ -24,7 +24,11 @@ from prunewise.run.export import EXPORTERS
 from prunewise.run.record import SCHEMA, RunRecord
 
 # Cheap settings for allocators whose defaults run long searches; any other allocator runs as named.
-CHEAP = {"atp": "atp:step=0.1,heldout=2", "mrp": "mrp:stats=dynamic,rounds=2"}
+CHEAP = {
+    "atp": "atp:step=0.1,heldout=2",
+    "mrp": "mrp:stats=dynamic,rounds=2",
+    "auto": "auto:candidates=uniform/owl/dlp/atp[step=0.1],heldout=2",
+}
 
 
 def _state(model):

@@ -330,6 +330,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"trials by perplexity on {search['heldout']['windows']} held-out calibration windows "
             f"({best:.3f}; {search['wall_s']:.1f} s)"
         )
+    auto = (rec.allocation or {}).get("auto")
+    if auto:
+        print(
+            f"auto: {auto['chosen']} chosen from {len(auto['candidates'])} candidates ({auto['trials']} trial "
+            f"prunings) by perplexity on {auto['heldout']['windows']} held-out calibration windows "
+            f"({auto['wall_s']:.1f} s):"
+        )
+        for row in auto["candidates"]:
+            mark = "*" if row["allocator"] == auto["chosen"] else " "
+            print(
+                f"  {mark} {row['allocator']:<13} held-out ppl {row['heldout_ppl']:10.3f}   "
+                f"block sparsity {row['min']:.3f} to {row['max']:.3f}"
+            )
     if args.dry_run:
         layers = rec.allocation["layers"]
         print(_memory_line(rec.memory))

@@ -10,7 +10,7 @@ Importing this package registers every allocator in :data:`prunewise.registry.AL
 :mod:`.statistics` how each statistic is computed, :mod:`.cost` what a dry run announces.
 """
 
-from . import alphapruning, atp, mrp, owl, uniform  # noqa: F401  (registration side effects)
+from . import alphapruning, atp, auto, dlp, lsa, mrp, owl, uniform  # noqa: F401  (registration side effects)
 from .profile import (  # noqa: F401  (the allocation API)
     LayerInfo,
     Profile,

@@ -101,6 +101,7 @@ def make_plan(
     """Fill ``ctx.profile`` with the allocator's statistics and allocate (through its driver if it has one)."""
     start = time.perf_counter()
     profile = ctx.profile
+    ctx.allocator_params = params
     profile.stats.update(provide(allocator_needs(name, params, profile.metric), ctx))
     driver = driver_of(name, params)
     if driver is None:
@@ -121,6 +122,7 @@ def make_plan(
 def preview(ctx: StatContext, name: str, params: dict, sparsity: float, mode: str = "two-pass") -> list[Work]:
     """The heavy steps of planning allocator ``name`` on ``ctx`` (nothing is computed but two timings)."""
     rates = Rates(ctx)
+    ctx.allocator_params = params
     needs = list(allocator_needs(name, params, ctx.metric.name))
     driver = driver_of(name, params) is not None
     if driver:  # trial prunings compute the metric's own statistics (gradients) too, once

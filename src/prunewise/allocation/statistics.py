@@ -10,7 +10,10 @@ A provider is registered by need name in :data:`STATISTICS` and is
 - ``dense_input_norm``: Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP),
   cached under ``dense_input_norm/<sha256 of all parameters, calibration ids, blocks path>``;
 - ``grad``: GBLM's accumulated gradient norm per weight, with the metric's options, cached under
-  ``gradients/<sha256 ...>`` (see :mod:`prunewise.prune.gradients`).
+  ``gradients/<sha256 ...>`` (see :mod:`prunewise.prune.gradients`);
+- ``reconstruction_error``: LSA's greedy reconstruction error per layer from a *dense* pass (the
+  input Gram matrix ``H`` of each layer, one block at a time, never kept), at the allocator's
+  ``resp`` and ``block``, cached under ``reconstruction_error/<sha256 of the dense key, resp, block>``.
 
 A new statistic is one function here (``calibration=True`` when it reads calibration data;
 ``cost=fn(ctx, rates) -> Work | None``, what a dry run announces before computing it, see
@@ -41,6 +44,7 @@ from ..registry import Entry, Registry
 from ..storage.cache import cached, entry, fingerprint
 from .cost import Rates, Work, calibration_pass
 from .esd import eigenvalues as _eigenvalues
+from .lsa import greedy_error
 from .profile import Profile
 
 STATISTICS = Registry("statistic")
@@ -61,6 +65,7 @@ class StatContext:
     metric_params: dict[str, Any] | None = None
     progress: bool = True
     model_key: str | None = None  # the model's fingerprint, when the caller already has it for these weights
+    allocator_params: dict[str, Any] | None = None  # the bound hyper-parameters of the allocator being planned
 
     def fingerprint(self) -> str:
         """:func:`~prunewise.model.streaming.model_fingerprint` of the model, computed once per context
@@ -145,8 +150,8 @@ def weights(ctx: StatContext) -> Weights:
     return Weights(ctx.source, [x.name for x in ctx.profile.layers])
 
 
-def _dense_key(ctx: StatContext) -> str:
-    return fingerprint(ctx.need_calib("dense_input_norm"), extra=f"{ctx.fingerprint()}:{ctx.source.path}")
+def _dense_key(ctx: StatContext, need: str = "dense_input_norm", extra: str = "") -> str:
+    return fingerprint(ctx.need_calib(need), extra=f"{ctx.fingerprint()}:{ctx.source.path}{extra}")
 
 
 def _dense_cost(ctx: StatContext, rates: Rates) -> Work:
@@ -154,6 +159,20 @@ def _dense_cost(ctx: StatContext, rates: Rates) -> Work:
     if entry(ctx.cache_dir, "dense_input_norm", _dense_key(ctx)).is_file():
         return Work(what, None)
     return calibration_pass(ctx, rates, what)
+
+
+def _error_options(ctx: StatContext) -> tuple[float, int, str]:
+    params = ctx.allocator_params or {}
+    resp, block = float(params.get("resp", 0.5)), int(params.get("block", 128))
+    return resp, block, _dense_key(ctx, "reconstruction_error", f":resp={resp!r}:block={block}")
+
+
+def _error_cost(ctx: StatContext, rates: Rates) -> Work:
+    resp, block, key = _error_options(ctx)
+    what = f"dense calibration pass with input Gram matrices, greedy errors at {resp:g} in {block}-column slices"
+    if entry(ctx.cache_dir, "reconstruction_error", key).is_file():
+        return Work(what, None)
+    return calibration_pass(ctx, rates, what, factor=2.0)
 
 
 @STATISTICS.register(
@@ -200,31 +219,80 @@ def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     )
 
 
+@STATISTICS.register(
+    "reconstruction_error",
+    summary="LSA's greedy reconstruction error per layer from a dense pass (input Gram matrices), cached by content",
+    calibration=True,
+    cost=_error_cost,
+)
+def reconstruction_errors(ctx: StatContext) -> dict[str, float]:
+    resp, block, key = _error_options(ctx)
+
+    def compute() -> dict[str, torch.Tensor]:
+        def error(name, module, st):
+            value = greedy_error(weight_matrix(module), st.hessian(), resp, block) if st.ntokens else 0.0
+            return torch.tensor(value, dtype=torch.float64)
+
+        return dense_pass(
+            ctx.source,
+            ctx.calib,
+            ("hessian",),
+            error,
+            batch_size=ctx.batch_size,
+            progress=ctx.progress,
+            desc="dense statistics (reconstruction errors)",
+        )
+
+    ctx.need_calib("reconstruction_error")
+    return {k: float(v) for k, v in cached(ctx.cache_dir, "reconstruction_error", key, compute).items()}
+
+
 @torch.no_grad()
+def dense_pass(
+    source: BlockSource,
+    calib: torch.Tensor,
+    needs: tuple[str, ...],
+    reduce,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "dense statistics",
+) -> dict[str, Any]:
+    """One calibration pass through the *dense* model, propagated densely (no pruning): every
+    linear layer's :class:`~prunewise.prune.stats.LayerStats` of ``needs``, reduced when its block
+    has run by ``reduce(name, module, stats) -> value`` and released (``{linear name: value}``).
+    A linear layer outside an expert that receives no input is an error."""
+    out: dict[str, Any] = {}
+
+    def step(i, block, linears, hidden, calls):
+        stats = {name: make_stats(needs, weight_matrix(m).shape[1]) for name, m in linears}
+        hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
+        for name, module in linears:
+            st = stats[name]
+            if st.ntokens == 0 and not isinstance(module, ExpertLinear):
+                raise RuntimeError(f"{name} received no calibration input")
+            out[name] = reduce(name, module, st)
+            st.release()
+        return hidden
+
+    source.walk(step, source.capture(calib, batch_size), desc=desc, progress=progress)
+    return out
+
+
 def dense_input_norms(
     source: BlockSource, calib: torch.Tensor, *, batch_size: int = 1, progress: bool = True
 ) -> dict[str, torch.Tensor]:
     """Wanda's ``a_j`` of every linear layer of the *dense* model, propagated densely: one
     calibration pass and no pruning (``{linear name: float32 [C_in]}``)."""
-    norms: dict[str, torch.Tensor] = {}
 
-    def step(i, block, linears, hidden, calls):
-        stats = {name: make_stats(("input_norm",), weight_matrix(m).shape[1]) for name, m in linears}
-        hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
-        for name, module in linears:
-            st = stats[name]
-            if st.ntokens == 0:
-                if not isinstance(module, ExpertLinear):
-                    raise RuntimeError(f"{name} received no calibration input")
-                log.warning(
-                    "%s: no calibration token was routed to this expert; its input norms are taken "
-                    "as ones (magnitude scores)",
-                    name,
-                )
-                norms[name] = torch.ones(st.in_features)
-                continue
-            norms[name] = st.input_norm().cpu()
-        return hidden
+    def norm(name, module, st):
+        if st.ntokens == 0:
+            log.warning(
+                "%s: no calibration token was routed to this expert; its input norms are taken "
+                "as ones (magnitude scores)",
+                name,
+            )
+            return torch.ones(st.in_features)
+        return st.input_norm().cpu()
 
-    source.walk(step, source.capture(calib, batch_size), desc="dense statistics", progress=progress)
-    return norms
+    return dense_pass(source, calib, ("input_norm",), norm, batch_size=batch_size, progress=progress)
