@@ -137,6 +137,24 @@ def test_streamed_run_equals_in_memory(model_dir, text, tmp_path, metric, alloca
     _assert_same(tmp_path, a, b)
 
 
+@pytest.mark.parametrize(
+    "metric,allocator",
+    [
+        ("wanda", "dlp"),
+        ("sparsegpt", "lsa"),
+        ("magnitude", "lsa:granularity=layer"),
+        ("wanda", "auto:candidates=uniform/dlp/lsa,heldout=2"),
+    ],
+)
+def test_streamed_newer_allocators_equal_in_memory(model_dir, text, tmp_path, metric, allocator):
+    a, b = _both(tmp_path, lambda mode: _cfg(model_dir, text, metric, allocator, mode))
+    _assert_same(tmp_path, a, b)
+    if allocator.startswith("auto"):
+        same = ("allocator", "heldout_ppl", "blocks")
+        rows = [[{k: r[k] for k in same} for r in x.allocation["auto"]["candidates"]] for x in (a, b)]
+        assert rows[0] == rows[1]
+
+
 @pytest.mark.parametrize("pattern", ("2:4", "unstructured:group=matrix"))
 def test_streamed_patterns_and_single_pass(model_dir, text, tmp_path, pattern):
     a, b = _both(

@@ -104,6 +104,23 @@ def test_atp_search_trials_in_parallel_choose_as_the_local_search(cluster, base,
     assert [c["ppl"] for c in remote["curve"]] == pytest.approx([c["ppl"] for c in local["curve"]], rel=1e-6)
 
 
+def test_auto_candidates_scored_in_parallel_choose_as_locally(cluster, base, tmp_path):
+    cfg = base.replace(
+        metric="wanda",
+        allocator="auto:candidates=uniform/owl/dlp/atp[step=0.1],heldout=3",
+        sparsity=0.5,
+        eval_data=None,
+    )
+    local = pw.run(cfg, progress=False, dry_run=True, cache_dir=tmp_path).record.allocation["auto"]
+    remote = pw.run(
+        cfg, progress=False, dry_run=True, cache_dir=tmp_path, executor=Executor("ray", {"workers": 2})
+    ).record.allocation["auto"]
+    assert remote["chosen"] == local["chosen"] and remote["trials"] == local["trials"]
+    for r, lo in zip(remote["candidates"], local["candidates"]):
+        assert r["allocator"] == lo["allocator"] and r["blocks"] == lo["blocks"]
+        assert r["heldout_ppl"] == pytest.approx(lo["heldout_ppl"], rel=1e-6)
+
+
 def test_a_model_that_does_not_load_on_the_workers_is_one_line(cluster, base, tmp_path):
     bad = base.replace(model=str(tmp_path / "no-such-model"))
     with pytest.raises(PrunewiseError, match="executor ray: a worker could not start: .*no such"):
