@@ -127,7 +127,7 @@ class PruneConfig:
             need(value is None or isinstance(value, str), field, f"must be a string or null, got {value!r}")
         need(self.model.strip() != "", "model", "must be a path, hub id or 'smollm2-135m'")
         metric_name, _ = self.metric_spec
-        alloc_name, _ = self.allocator_spec
+        alloc_name, alloc_params = self.allocator_spec
         pat = self.pattern_obj
         if self.sparsity is not None:
             s = self.sparsity
@@ -148,6 +148,9 @@ class PruneConfig:
                 f"allocator: '{alloc_name}' needs an unstructured pattern; with N:M use one of {', '.join(nm)} "
                 "(uniform, or mixed N:M per block)"
             )
+        check_pattern = ALLOCATORS.get(alloc_name).check_pattern
+        if check_pattern is not None:
+            check_pattern(alloc_params, pat)
         for field in ("nsamples", "seqlen", "batch_size"):
             value = getattr(self, field)
             need(

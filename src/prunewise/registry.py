@@ -90,7 +90,9 @@ class Entry:
     reports check). Allocators: ``nm`` (works with N:M patterns),
         ``baseline`` (the allocation others are compared against: uniform), ``needs_for`` (needs that
         depend on the bound hyper-parameters and the metric), ``driver_for`` (the driver that prunes
-        trial models, for these hyper-parameters, or None) and ``driver_cost`` (its dry-run preview).
+        trial models, for these hyper-parameters, or None), ``driver_cost`` (its dry-run preview) and
+        ``check_pattern`` (``fn(bound params, pattern)``: raises when the settings do not fit the
+        run's pattern, checked with the config, before any work).
         Statistics: ``calibration`` (computed from calibration data) and ``cost`` (its dry-run preview).
     """
 
@@ -112,6 +114,7 @@ class Entry:
     needs_for: Callable[[dict[str, Any], str], tuple[str, ...]] | None = None
     driver_for: Callable[[dict[str, Any]], Callable[..., Any] | None] | None = None
     driver_cost: Callable[..., Any] | None = None
+    check_pattern: Callable[[dict[str, Any], Any], None] | None = None
     calibration: bool = False
     cost: Callable[..., Any] | None = None
 

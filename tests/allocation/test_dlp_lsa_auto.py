@@ -248,6 +248,13 @@ def test_auto_candidates_are_checked():
     with pytest.raises(ConfigError, match="has no hyper-parameter 'lamb'"):
         auto.candidate_params("owl", {"lamb": 0.1}, 4)
     assert auto.candidate_params("atp", {"heldout": 9}, 5)["heldout"] == 5  # the held-out windows are auto's
+    # checked with the config, before any work
+    with pytest.raises(ConfigError, match="'alphapruning' does not support N:M"):
+        pw.PruneConfig(allocator="auto:candidates=uniform/alphapruning", pattern="2:4").validate()
+    with pytest.raises(ConfigError, match="'owl' has no hyper-parameter 'lamb'"):
+        pw.PruneConfig(allocator="auto:candidates=owl[lamb=0.1]", sparsity=0.5).validate()
+    with pytest.raises(ConfigError, match="granularity=block"):
+        pw.PruneConfig(allocator="lsa:granularity=layer", pattern="4:8").validate()
 
 
 def test_auto_picks_the_lowest_heldout_perplexity(tokenizer, text_file, tmp_path):

@@ -210,6 +210,12 @@ def _cost(ctx, rates, sparsity: float, params: dict, mode: str) -> Work:
     return Work(what, seconds, "auto:candidates=NAME/NAME/... scores fewer candidates")
 
 
+def _check(params: dict, pattern) -> None:
+    """The candidates and their options, checked with the config (before any work)."""
+    for name, options in candidate_specs(params["candidates"], pattern.is_nm):
+        candidate_params(name, options, params["heldout"])
+
+
 @ALLOCATORS.register(
     NAME,
     rank=99,
@@ -220,6 +226,7 @@ def _cost(ctx, rates, sparsity: float, params: dict, mode: str) -> Work:
     nm=True,
     driver_for=lambda params: choose,
     driver_cost=_cost,
+    check_pattern=_check,
     ranges={"heldout": Range(ge=1)},
 )
 def allocate(profile: Profile, sparsity: float, *, candidates: str = "all", heldout: int = 16) -> dict[str, float]:

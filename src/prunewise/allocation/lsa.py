@@ -114,6 +114,11 @@ def _layer_values(profile: Profile, errors: dict[str, float], sparsity: float, l
     return clamp_to_budget(values, profile, sparsity, 0.0, top)
 
 
+def _check_pattern(params: dict, pattern) -> None:
+    if params["granularity"] == "layer" and pattern.is_nm:
+        raise ConfigError("lsa: granularity=layer gives every matrix its own sparsity; N:M needs granularity=block")
+
+
 @ALLOCATORS.register(
     "lsa",
     rank=6,
@@ -128,6 +133,7 @@ def _layer_values(profile: Profile, errors: dict[str, float], sparsity: float, l
         "max_sparsity": Range(gt=0, lt=1),
     },
     choices={"granularity": GRANULARITIES},
+    check_pattern=_check_pattern,
 )
 def allocate(
     profile: Profile,
@@ -148,8 +154,7 @@ def allocate(
     )
     errors = profile.stats["reconstruction_error"]
     if granularity == "layer":
-        if profile.pattern.is_nm:
-            raise ConfigError("lsa: granularity=layer gives every matrix its own sparsity; N:M needs granularity=block")
+        _check_pattern({"granularity": granularity}, profile.pattern)
         return _layer_values(profile, errors, sparsity, lam, max_sparsity)
     per_block: list[list[float]] = [[] for _ in range(profile.num_blocks)]
     for x in profile.layers:
