@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig, Qwen2Config
 
 from prunewise.model.layers import find_blocks
 
@@ -58,6 +58,21 @@ def tiny_config(arch: str, vocab: int = VOCAB, layers: int = 3):
             vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
         )
     raise ValueError(arch)
+
+
+def tiny_mixtral_config(vocab: int = VOCAB, layers: int = 2) -> MixtralConfig:
+    """A tiny Mixtral: 4 experts, 2 routed per token (the MoE case of the families and sparse tests)."""
+    return MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
 
 
 ARCHS = ("llama", "qwen2", "opt", "gpt2")

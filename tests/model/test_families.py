@@ -11,7 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import prunewise as pw
-from helpers import VOCAB, last_block_output
+from helpers import VOCAB, last_block_output, tiny_mixtral_config
 from prunewise.model.blocks import BlockSource
 from prunewise.model.experts import ExpertLinear
 from prunewise.model.layers import find_blocks
@@ -81,9 +81,7 @@ FAMILIES = {
         word_embed_proj_dim=32,
     ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "mixtral": lambda: transformers.MixtralConfig(
-        **SMALL, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
-    ),
+    "mixtral": tiny_mixtral_config,
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
         **SMALL, intermediate_size=48, num_key_value_heads=2, **MOE, num_experts=4, shared_expert_intermediate_size=24
     ),

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prunewise as pw
-from helpers import ARCHS, make_tokenizer, sharded_checkpoint, tiny_model
+from helpers import ARCHS, make_tokenizer, sharded_checkpoint, tiny_mixtral_config, tiny_model
 from prunewise.cli import main
 from prunewise.errors import PrunewiseError
 from prunewise.model.blocks import BlockSource
@@ -76,21 +76,8 @@ def test_a_sparse_folder_prunes_and_evaluates_unpacked_and_refuses_to_stream(tmp
 
 
 def mixtral():
-    import transformers
-
-    config = transformers.MixtralConfig(
-        vocab_size=len(make_tokenizer()),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(tiny_mixtral_config(len(make_tokenizer()))).eval()
 
 
 @pytest.mark.parametrize(
