@@ -29,6 +29,7 @@ import time
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, Range, parse_spec, suggest
+from . import planner
 from .cost import Work, prune_cost
 from .profile import Profile, block_profile
 
@@ -78,8 +79,6 @@ def candidate_params(name: str, options: dict, heldout: int) -> dict:
 def _needs(params: dict, metric: str) -> tuple[str, ...]:
     """Every candidate's statistics, computed once before the candidates plan (with ``all``, those
     of the unstructured-only allocators too: the pattern is not known here)."""
-    from . import planner  # the planner imports this package
-
     out: list[str] = []
     for name, options in candidate_specs(params["candidates"], False):
         needs = planner.allocator_needs(name, candidate_params(name, options, params["heldout"]), metric)
@@ -121,8 +120,6 @@ def choose(
 ) -> tuple[dict[str, float], dict]:
     """The driver: plan every candidate, score each allocation on the held-out windows (reusing
     trials), keep the best; ``{"auto": record}`` holds every candidate."""
-    from . import planner
-
     start = time.perf_counter()
     shared = SharedTrials(trials)
     specs = {
@@ -186,8 +183,6 @@ def choose(
 def _cost(ctx, rates, sparsity: float, params: dict, mode: str) -> Work:
     """What :func:`choose` will do, for a dry run's preview: each candidate's own search and one
     trial prune with a held-out evaluation per other candidate (fewer when allocations coincide)."""
-    from . import planner
-
     specs = candidate_specs(params["candidates"], ctx.profile.pattern.is_nm)
     names = [n for n, _ in specs]
     each = prune_cost(ctx, rates, mode) + rates.passes(params["heldout"])
