@@ -316,3 +316,31 @@ def test_auto_refuses_to_run_without_its_driver():
     with pytest.raises(ConfigError, match="prunes and evaluates"):
         auto.allocate(prof, 0.5)
     assert names("all")[0] == "uniform"
+
+
+def test_auto_candidate_driver_remeasures_only_its_own_statistics(calib, tokenizer, text_file, tmp_path, monkeypatch):
+    """MRP's dynamic rounds inside auto re-measure MRP's statistics on the sparse model, not
+    AlphaPruning's spectra (computed once, before the candidates plan)."""
+    from prunewise.allocation import statistics
+
+    calls = []
+    entry = statistics.STATISTICS.get("eigenvalues")
+    real = entry.fn
+    monkeypatch.setitem(
+        statistics.STATISTICS._entries,
+        "eigenvalues",
+        type(entry)(**{**entry.__dict__, "fn": lambda ctx: calls.append(1) or real(ctx)}),
+    )
+    model = tiny_model("llama", layers=4)
+    cfg = pw.PruneConfig(
+        model="x",
+        metric="wanda",
+        allocator="auto:candidates=alphapruning/mrp[stats=dynamic;rounds=3],heldout=2",
+        sparsity=0.6,
+        nsamples=4,
+        seqlen=32,
+        calib=f"file:{text_file}",
+    )
+    planned = pw.plan(model, cfg, tmp_path, tokenizer=tokenizer, progress=False)
+    rows = {r["allocator"]: r for r in planned.details["auto"]["candidates"]}
+    assert len(rows["mrp"]["rounds"]) == 3 and len(calls) == 1

@@ -98,6 +98,11 @@ class SharedTrials:
         self.trials = trials
         self.memo: dict[tuple, float] = {}
         self.pruned = 0
+        self.needs: tuple[str, ...] | None = None  # the statistics of the candidate whose driver runs
+
+    def remeasure(self, profile: Profile, needs: tuple[str, ...] | None = None) -> None:
+        """Re-measure the running candidate's own statistics (not every candidate's)."""
+        self.trials.remeasure(profile, self.needs if needs is None else needs)
 
     def __getattr__(self, name):
         return getattr(self.trials, name)
@@ -137,6 +142,7 @@ def choose(
             allocation, details = planner.allocate(name, params, profile, sparsity), {}
         else:
             saved = dict(profile.stats)
+            shared.needs = planner.allocator_needs(name, params, profile.metric)
             try:
                 allocation, details = driver(profile, sparsity, shared, progress=progress, **params)
             finally:

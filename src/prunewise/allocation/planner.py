@@ -41,14 +41,15 @@ class Trials:
     the run will (metric, pattern, mode, calibration set) starting from the dense weights;
     ``perplexity(windows)`` scores the current model on that many held-out windows of the
     calibration text (never the evaluation text); ``heldout(windows)`` describes those windows for
-    the record; ``remeasure(profile)`` refills the profile's statistics from the current model;
+    the record; ``remeasure(profile, needs=None)`` refills the profile's statistics (those the run's
+    allocator needs, or ``needs``) from the current model;
     ``restore()`` gives the dense weights back; :meth:`score` scores many allocations at once, on
     an executor's workers when ``parallel`` is given (``prunewise prune --executor ray``)."""
 
     prune: Callable[[dict[str, float]], None]
     perplexity: Callable[[int], float]
     heldout: Callable[[int], dict[str, Any]]
-    remeasure: Callable[[Profile], None]
+    remeasure: Callable[..., None]
     restore: Callable[[], None]
     parallel: Callable[[list[dict[str, float]], int], list[float]] | None = None
 

@@ -98,9 +98,9 @@ def local_trials(
     def describe(windows: int) -> dict[str, Any]:
         return {"data": config.calib, "windows": int(heldout_ids_for(windows).shape[0]), "seqlen": config.seqlen}
 
-    def remeasure(profile: Profile) -> None:
+    def remeasure(profile: Profile, needs: tuple[str, ...] | None = None) -> None:
         ctx = stat_context(model, config, cache_dir, calib, False, profile)
-        profile.stats.update(provide(allocator_needs(config), ctx))
+        profile.stats.update(provide(allocator_needs(config) if needs is None else needs, ctx))
 
     return Trials(trial_prune, trial_perplexity, describe, remeasure, lambda: restore_weights(model, backup), parallel)
 
