@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layers import weight_matrix
 from .sources import make_source
 
 STREAM_CHOICES = ("auto", "on", "off")
@@ -204,8 +205,10 @@ def estimate(
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in source.blocks)
     shape = ModelShape.of(model)
     acts = 2 * elt * shape.hidden * max(work.windows * work.seqlen, work.eval_windows * work.eval_seqlen)
-    shapes = [tuple(m.weight.shape) for _, m in source.linears(0)]  # every block alike: the first one's
-    stats = sum(4 * min(s) ** 2 if work.hessians else 8 * max(s) for s in shapes)
+    shapes = [tuple(weight_matrix(m).shape) for _, m in source.linears(0)]  # every block alike: the first one's
+    # every linear layer of a block holds its statistics until the block is done: SparseGPT's (and
+    # LSA's) input Gram matrix is C_in x C_in float32 per layer, Wanda's a C_in vector
+    stats = sum(4 * s[1] ** 2 if work.hessians else 8 * s[1] for s in shapes)
     longest = max(work.seqlen, work.eval_seqlen)
     largest = max(s[0] * s[1] for s in shapes)
     temps = (

@@ -99,7 +99,8 @@ def placement_of(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Pa
         windows=config.nsamples if needs_calibration(config) else 0,
         seqlen=config.seqlen,
         batch_size=config.batch_size,
-        hessians=wants_gram(METRICS.get(config.metric_spec[0]).needs),
+        hessians=wants_gram(METRICS.get(config.metric_spec[0]).needs)
+        or "reconstruction_error" in allocator_needs(config),
         eval_windows=eval_tokens(tokenizer, config, cache_dir) // eval_seqlen,
         eval_seqlen=eval_seqlen,
     )
