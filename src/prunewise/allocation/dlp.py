@@ -71,20 +71,28 @@ def block_reductions(profile: Profile, reduce: str) -> list[float]:
     return out
 
 
-def importance_map(
-    values: list[float], profile: Profile, sparsity: float, spread: float, max_sparsity: float, what: str
-) -> list[float]:
-    """The map DLP and LSA share: importance ``1 - v / sum(v)`` min-max scaled to ``[0, spread]``
-    and centred (parameter-weighted) on the target; the more important a block, the lower its
-    sparsity. Clamped to ``[0, max_sparsity]`` with the cut mass redistributed."""
+def scaled_importance(values: list[float], spread: float, what: str) -> list[float] | None:
+    """Importance ``1 - v / sum(v)`` min-max scaled to ``[0, spread]`` (DLP's and LSA's), or None when
+    it cannot tell the values apart (or ``spread`` is 0): the allocation is then uniform."""
     total = sum(values)
     if total <= 0:
-        raise ConfigError(f"{what}: every block scored 0; nothing to allocate by")
+        raise ConfigError(f"{what}: every value it allocates by is 0")
     imp = [1.0 - v / total for v in values]
     lo, hi = min(imp), max(imp)
     if hi - lo < 1e-15 or spread == 0.0:
+        return None
+    return [(i - lo) / (hi - lo) * spread for i in imp]
+
+
+def importance_map(
+    values: list[float], profile: Profile, sparsity: float, spread: float, max_sparsity: float, what: str
+) -> list[float]:
+    """Per-block sparsities from :func:`scaled_importance`, centred (parameter-weighted) on the
+    target; the more important a block, the lower its sparsity. Clamped to ``[0, max_sparsity]``
+    with the cut mass redistributed."""
+    k = scaled_importance(values, spread, what)
+    if k is None:
         return [float(sparsity)] * len(values)
-    k = [(i - lo) / (hi - lo) * spread for i in imp]
     sizes = profile.block_sizes()
     mean_k = sum(v * p for v, p in zip(k, sizes)) / sum(sizes)
     return block_clamp([sparsity - (v - mean_k) for v in k], profile, sparsity, 0.0, max_sparsity)

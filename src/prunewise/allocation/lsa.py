@@ -50,7 +50,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, Range
-from .dlp import importance_map
+from .dlp import importance_map, scaled_importance
 from .profile import Profile, clamp_to_budget, mixed_nm
 
 # ``BLK.alpha`` of the reference by floor(10 * sparsity); index 0 is its --Lamda default.
@@ -99,15 +99,9 @@ def greedy_error(
 def _layer_values(profile: Profile, errors: dict[str, float], sparsity: float, lam: float, top: float):
     """``granularity=layer``: one importance per matrix over the whole model (``blk_score_global``)."""
     names = [x.name for x in profile.layers]
-    e = [errors[n] for n in names]
-    total = sum(e)
-    if total <= 0:
-        raise ConfigError("lsa: every layer's reconstruction error is 0; nothing to allocate by")
-    imp = [1.0 - v / total for v in e]
-    lo, hi = min(imp), max(imp)
-    if hi - lo < 1e-15 or lam == 0.0:
+    k = scaled_importance([errors[n] for n in names], 2 * lam, "lsa")
+    if k is None:
         return {n: float(sparsity) for n in names}
-    k = [(i - lo) / (hi - lo) * 2 * lam for i in imp]
     mean_k = sum(k) / len(k)
     mean_p = sum(x.numel for x in profile.layers) / len(names)
     values = {x.name: sparsity + (mean_k - kx) * mean_p / x.numel for x, kx in zip(profile.layers, k)}
