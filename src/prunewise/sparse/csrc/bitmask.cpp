@@ -101,9 +101,11 @@ void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const 
 
 #if defined(__AVX512F__)
 
-// Values are prefetched this many bytes ahead: the hardware prefetcher alone leaves a cold 70%
-// sparse fp32 matrix read at about half the machine's bandwidth (benchmarks/RESULTS.md).
-constexpr int PREFETCH = 4096;
+// Values are prefetched into L2 this many bytes ahead, and into L1 NEAR bytes ahead: the hardware
+// prefetcher alone leaves a cold 70% sparse fp32 matrix read at about half the machine's bandwidth,
+// one prefetch 4 KiB ahead into L1 at 65-80% of it, the two at 75-85% (benchmarks/RESULTS.md).
+constexpr int PREFETCH = 16384;
+constexpr int NEAR = 2048;
 
 template <int KIND>
 inline __m512 expand16(const char* p, __mmask16 bits) {
@@ -140,7 +142,10 @@ inline void row_tile(const float* x, const char* p, const uint8_t* m, int64_t mb
     std::memcpy(&group, m + 2 * c, 2 * U);
     for (int u = 0; u < U; ++u) {
       const uint16_t bits = static_cast<uint16_t>(group >> (16 * u));
-      if (u == 0) _mm_prefetch(p + PREFETCH, _MM_HINT_T0);
+      if (u == 0) {
+        _mm_prefetch(p + PREFETCH, _MM_HINT_T1);
+        _mm_prefetch(p + NEAR, _MM_HINT_T0);
+      }
       const __m512 w = expand16<KIND>(p, bits);
       p += __builtin_popcount(bits) * item;
       for (int t = 0; t < T; ++t)
@@ -282,8 +287,6 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, 
   return out;
 }
 
-// W as a dense matrix in the values' dtype, written into `dense` (a caller's scratch matrix that is
-// reused across calls: a fresh one per call costs a page fault per 4 KiB, more than the unpack).
 // W as a dense matrix in the values' dtype, written into `dense` (a caller's scratch matrix that is
 // reused across calls: a fresh one per call costs a page fault per 4 KiB, more than the unpack).
 void unpack(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, int64_t cols, torch::Tensor dense) {
