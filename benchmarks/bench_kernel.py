@@ -109,14 +109,19 @@ def main() -> None:
             for t in args.rows:
                 x = torch.randn(t, c)
                 xd = x.to(dtype)
-                ref = F.linear(x, w.float())
+                acts = []  # activations in the weights' dtype, as in a model; float32 for a kernel without that
                 for _, mod in modules:
-                    torch.testing.assert_close(mod.linear(x, *pool[0], c), ref, rtol=1e-4, atol=1e-3)
+                    try:
+                        y, a = mod.linear(xd, *pool[0], c), xd
+                    except RuntimeError:
+                        y, a = mod.linear(x, *pool[0], c), x
+                    torch.testing.assert_close(y, F.linear(a.float(), w.float()), rtol=1e-4, atol=1e-3)
+                    acts.append(a)
                 fns = [(lambda m, xd=xd: F.linear(xd, m), dense)]
                 # a pool of its own per kernel: one's call would leave the next one's matrix in cache
                 pools = [pool] + [[(v.clone(), m.clone(), o) for v, m, o in pool] for _ in modules[1:]]
-                for (_, mod), own in zip(modules, pools):
-                    fns.append((lambda p, mod=mod, x=x, c=c: mod.linear(x, *p, c), own))
+                for (_, mod), own, a in zip(modules, pools, acts):
+                    fns.append((lambda p, mod=mod, a=a, c=c: mod.linear(a, *p, c), own))
                 dense_s, *kernel_s = medians_in_turns(fns, args.calls)
                 line = {"shape": shape, "sparsity": s, "rows": t, "dtype": args.dtype, "dense_ms": dense_s * 1e3}
                 for (name, _), k in zip(modules, kernel_s):

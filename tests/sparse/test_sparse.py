@@ -81,6 +81,11 @@ def test_kernel_equals_dense_matmul(shape, dtype):
         assert got.shape == (n, shape[0])
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * (1 + ref.abs().max().item()))
         assert bool((got[:, 0] == 0).all())  # the all-zero row gives exact zeros
+        xh = x.to(dtype)  # activations in the weights' dtype (bf16: the dot-product path where there is one)
+        got = kernel.ext().linear(xh, kernel.padded(values), mask, offsets, shape[-1])
+        ref = xh.double() @ w.double().t()
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * (1 + ref.abs().max().item()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

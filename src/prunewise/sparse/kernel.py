@@ -16,7 +16,9 @@ per thread and dtype, reused by every layer, as large as the largest weight) and
 matmul, where the compute, not the bytes read, is the cost (``benchmarks/RESULTS.md``, "Sparse
 checkpoints", gives the measured crossover). The kernel's arithmetic is float32 whatever the
 weight's dtype (bf16 and fp16 values are widened exactly), so results equal ``x @ W.T`` within
-float32 rounding of a different summation order.
+float32 rounding of a different summation order. Where the CPU has AVX512-BF16, bf16 weights
+against bf16 activations multiply as bf16 pairs (exact products) summed in float32, as the dense
+bf16 matmul does; other activations are widened to float32 first.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
 # At most this many token rows per call run on the kernel; more unpack the weight and matmul densely.
 # Measured crossovers (benchmarks/RESULTS.md, "Sparse checkpoints"): in float32 the kernel beats the
-# dense matmul up to 12 rows; with 16-bit weights torch's dense matmul (oneDNN, AMX where there is
-# one) overtakes it after 2 to 4 rows, so 2. (At 3-8 rows the kernel would still beat unpacking,
-# measured apart; not yet measured on a whole model, so not the default.)
-KERNEL_TOKENS = {torch.float32: 12, torch.bfloat16: 2, torch.float16: 2}
+# dense matmul up to 12 rows; with bf16 weights and activations (the dot-product path) it is 1.16x
+# the dense matmul at 8 rows over the layers of a Qwen2.5-Coder 1.5B block (cold matrices), where
+# unpacking for the dense matmul halves the speed. fp16 has no such path: 2, as measured before.
+KERNEL_TOKENS = {torch.float32: 12, torch.bfloat16: 8, torch.float16: 2}
 
 PAD = 16  # elements of padding after the values: the kernel reads 16 at a time
 
@@ -98,7 +100,8 @@ def ext():
 
 
 def isa() -> str:
-    """``avx512``, ``scalar`` (the kernel's code path here) or ``none`` (no kernel: dense matmuls)."""
+    """The kernel's code path here: ``avx512+bf16`` (AVX-512 with bf16 dot products), ``avx512``,
+    ``scalar``, or ``none`` (no kernel: dense matmuls)."""
     module = ext()
     return module.isa() if module is not None else "none"
 
@@ -192,10 +195,7 @@ class SparseLinear(nn.Module):
             shape = (self.out_features, cols)
             weight = unpack(values, self.mask, self.offsets, shape, scratch(values.dtype, shape))
             return F.linear(x, weight.to(x.dtype), self.bias)
-        flat = x.reshape(rows, cols)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        y = module.linear(flat.contiguous(), values, self.mask, self.offsets, cols)
+        y = module.linear(x.reshape(rows, cols), values, self.mask, self.offsets, cols)
         bias = self.bias
         if bias is not None:
             y += bias
