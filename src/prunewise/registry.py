@@ -52,6 +52,16 @@ def suggest(name: str, choices: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def number_or_auto(owner: str, key: str, value: Any, auto: Callable[[], float]) -> float:
+    """A hyper-parameter given as a number or ``'auto'`` (then ``auto()``, a default that depends on
+    the target); any other string is an error naming ``owner`` and ``key``."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"{owner}: {key} must be a number or 'auto', got '{value}'")
+        return auto()
+    return value
+
+
 @dataclass(frozen=True)
 class Range:
     """The valid values of a numeric hyper-parameter: bounds (open or closed), checked when a spec

@@ -80,7 +80,7 @@ def test_dlp_clamps_and_keeps_the_budget():
     alloc = dlp.allocate(prof, 0.9, alpha=0.5)  # the last block would go past 0.99
     check_allocation("dlp", prof, alloc, 0.9)
     assert max(alloc.values()) <= 0.99
-    with pytest.raises(ConfigError, match="alpha"):
+    with pytest.raises(ConfigError, match="dlp: alpha must be a number or 'auto', got 'big'"):
         dlp.allocate(prof, 0.5, alpha="big")
 
 
@@ -170,6 +170,8 @@ def test_lsa_layer_granularity_moves_small_matrices_further():
     prof.pattern = Pattern(2, 4)
     with pytest.raises(ConfigError, match="granularity=block"):
         lsa.allocate(prof, 0.5, granularity="layer")
+    with pytest.raises(ConfigError, match="lsa: lam must be a number or 'auto', got 'big'"):
+        lsa.allocate(prof, 0.5, lam="big")
 
 
 @pytest.mark.parametrize("allocator", ["dlp", "lsa"])

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..registry import ALLOCATORS, Range
+from ..registry import ALLOCATORS, Range, number_or_auto
 from .profile import Profile, block_clamp, layer_scores, mixed_nm
 
 # (sparsity, alpha) from the reference's scripts; alpha is interpolated between these points.
@@ -116,10 +116,7 @@ def allocate(
     reduce: str = "mean",
     max_sparsity: float = 0.99,
 ) -> dict[str, float]:
-    if isinstance(alpha, str):
-        if alpha != "auto":
-            raise ConfigError(f"dlp: alpha must be a number in [0, 0.5] or 'auto', got '{alpha}'")
-        alpha = default_alpha(sparsity)
+    alpha = number_or_auto("dlp", "alpha", alpha, lambda: default_alpha(sparsity))
     ALLOCATORS.get("dlp").check({"alpha": alpha, "reduce": reduce, "max_sparsity": max_sparsity})
     values = importance_map(block_reductions(profile, reduce), profile, sparsity, 2 * alpha, max_sparsity, "dlp")
     if profile.pattern.is_nm:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..registry import ALLOCATORS, Range
+from ..registry import ALLOCATORS, Range, number_or_auto
 from .dlp import importance_map, scaled_importance
 from .profile import Profile, clamp_to_budget, mixed_nm
 
@@ -139,10 +139,7 @@ def allocate(
     granularity: str = "block",
     max_sparsity: float = 0.99,
 ) -> dict[str, float]:
-    if isinstance(lam, str):
-        if lam != "auto":
-            raise ConfigError(f"lsa: lam must be a number in [0, 0.5] or 'auto', got '{lam}'")
-        lam = default_lambda(sparsity, granularity)
+    lam = number_or_auto("lsa", "lam", lam, lambda: default_lambda(sparsity, granularity))
     ALLOCATORS.get("lsa").check(
         {"lam": lam, "resp": resp, "block": block, "granularity": granularity, "max_sparsity": max_sparsity}
     )
