@@ -226,6 +226,38 @@ def test_lsa_statistic_is_cached_by_content_and_options(calib, tmp_path):
         statistics.greedy_error = real
 
 
+def test_norms_and_errors_needed_together_come_from_one_dense_pass(calib, tmp_path, monkeypatch):
+    """OWL's input norms and LSA's errors (auto with both among its candidates): one dense pass,
+    values bit for bit those of each statistic's own pass, one line in the dry run."""
+    from prunewise.allocation import statistics
+    from prunewise.run import job, pipeline
+
+    model = tiny_model("llama", layers=3)
+    passes = []
+    real = statistics.dense_pass
+    monkeypatch.setattr(statistics, "dense_pass", lambda *a, **k: passes.append(len(a[2])) or real(*a, **k))
+    cfg = pw.PruneConfig(metric="wanda", allocator="auto:candidates=owl/lsa", sparsity=0.6)
+    both = ("dense_input_norm", "reconstruction_error")
+    works = pipeline.preview(model, cfg, tmp_path / "joint", calib=calib)
+    assert [w.what for w in works if "dense" in w.what] == [
+        "dense calibration pass with input Gram matrices, greedy errors at 0.5 in 128-column slices: "
+        "6 x 24 tokens through 3 blocks (one pass for dense_input_norm and reconstruction_error)"
+    ]
+    joint = statistics.provide(both, job.stat_context(model, cfg, tmp_path / "joint", calib, False))
+    assert passes == [2]  # one pass, two sets of statistics collected apart
+    alone = {}
+    for need in both:
+        alone.update(statistics.provide((need,), job.stat_context(model, cfg, tmp_path / need, calib, False)))
+    assert passes == [2, 1, 1]
+    assert joint["dense_input_norm"].keys() == alone["dense_input_norm"].keys()
+    for name, norm in alone["dense_input_norm"].items():
+        assert torch.equal(joint["dense_input_norm"][name], norm), name
+    assert joint["reconstruction_error"] == alone["reconstruction_error"]
+    statistics.provide(both, job.stat_context(model, cfg, tmp_path / "joint", calib, False))
+    assert passes == [2, 1, 1]  # both cached: no pass at all
+    assert not statistics.shared_dense_pass(both, job.stat_context(model, cfg, tmp_path / "joint", calib, False))
+
+
 # -- auto --------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from ..model.layers import weight_matrix
 from ..registry import ALLOCATORS
 from .cost import Rates, Work
 from .profile import LayerInfo, Profile, check_allocation
-from .statistics import STATISTICS, StatContext, provide
+from .statistics import STATISTICS, StatContext, provide, shared_dense_pass
 
 
 @dataclass
@@ -129,11 +129,15 @@ def preview(ctx: StatContext, name: str, params: dict, sparsity: float, mode: st
     if driver:  # trial prunings compute the metric's own statistics (gradients) too, once
         needs += [n for n in ctx.metric.needs if n in STATISTICS and n not in needs]
     works = []
+    shared = shared_dense_pass(tuple(needs), ctx)  # computed in one pass: announced as the costliest of them
     for need in needs:
         cost = STATISTICS.get(need).cost
         work = cost(ctx, rates) if cost else None
-        if work is not None:
+        if work is not None and need not in shared:
             works.append(work)
+    if shared:
+        top = max((STATISTICS.get(n).cost(ctx, rates) for n in shared), key=lambda w: w.seconds or 0.0)
+        works.append(Work(f"{top.what} (one pass for {' and '.join(shared)})", top.seconds, top.cheaper))
     if driver:
         works.append(ALLOCATORS.get(name).driver_cost(ctx, rates, sparsity, params, mode))
     return works

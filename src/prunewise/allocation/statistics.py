@@ -90,15 +90,15 @@ def reads_calibration(needs: tuple[str, ...]) -> bool:
 
 
 def provide(needs: tuple[str, ...], ctx: StatContext) -> dict[str, Any]:
-    """``{need: {linear name: value}}`` for every need, each from its registered provider."""
-    out = {}
+    """``{need: {linear name: value}}`` for every need, each from its registered provider (those
+    of one dense calibration pass from a single pass, :func:`shared_dense_pass`)."""
     for need in needs:
         if need not in STATISTICS:
             raise PrunewiseError(
                 f"'{need}' is not a statistic prunewise can compute (known: {', '.join(STATISTICS.names())})"
             )
-        out[need] = STATISTICS.get(need).fn(ctx)
-    return out
+    _share_dense_pass(needs, ctx)
+    return {need: STATISTICS.get(need).fn(ctx) for need in needs}
 
 
 class Weights(Mapping):
@@ -226,53 +226,113 @@ def grad(ctx: StatContext) -> dict[str, torch.Tensor]:
     cost=_error_cost,
 )
 def reconstruction_errors(ctx: StatContext) -> dict[str, float]:
-    resp, block, key = _error_options(ctx)
+    collect, key, reduce = _dense_parts(ctx)["reconstruction_error"]
 
     def compute() -> dict[str, torch.Tensor]:
-        def error(name, module, st):
-            value = greedy_error(weight_matrix(module), st.hessian(), resp, block) if st.ntokens else 0.0
-            return torch.tensor(value, dtype=torch.float64)
-
         return dense_pass(
             ctx.source,
             ctx.calib,
-            ("hessian",),
-            error,
+            (collect,),
+            reduce,
             batch_size=ctx.batch_size,
             progress=ctx.progress,
             desc="dense statistics (reconstruction errors)",
         )
 
-    ctx.need_calib("reconstruction_error")
     return {k: float(v) for k, v in cached(ctx.cache_dir, "reconstruction_error", key, compute).items()}
+
+
+def _norm(name: str, module: nn.Module, st) -> torch.Tensor:
+    if st.ntokens == 0:
+        log.warning(
+            "%s: no calibration token was routed to this expert; its input norms are taken as ones (magnitude scores)",
+            name,
+        )
+        return torch.ones(st.in_features)
+    return st.input_norm().cpu()
+
+
+def _error(resp: float, block: int):
+    def error(name: str, module: nn.Module, st) -> torch.Tensor:
+        value = greedy_error(weight_matrix(module), st.hessian(), resp, block) if st.ntokens else 0.0
+        return torch.tensor(value, dtype=torch.float64)
+
+    return error
+
+
+DENSE_PASS = ("dense_input_norm", "reconstruction_error")  # the statistics of _dense_parts
+
+
+def _dense_parts(ctx: StatContext) -> dict[str, tuple[tuple[str, ...], str, Any]]:
+    """The statistics a dense calibration pass gives: per need, what its layers collect, its cache
+    key, and the reduction of one layer's collected statistics to the value cached."""
+    resp, block, key = _error_options(ctx)
+    return {
+        "dense_input_norm": (("input_norm",), _dense_key(ctx), _norm),
+        "reconstruction_error": (("hessian",), key, _error(resp, block)),
+    }
+
+
+def shared_dense_pass(needs: tuple[str, ...], ctx: StatContext) -> list[str]:
+    """The needs among ``needs`` that come from a dense calibration pass and are not cached yet,
+    when there are two or more of them (one pass then computes them all); else ``[]``."""
+    wanted = [n for n in needs if n in DENSE_PASS]
+    if len(wanted) < 2 or ctx.calib is None:
+        return []
+    parts = _dense_parts(ctx)
+    missing = [n for n in wanted if not entry(ctx.cache_dir, n, parts[n][1]).is_file()]
+    return missing if len(missing) >= 2 else []
+
+
+def _share_dense_pass(needs: tuple[str, ...], ctx: StatContext) -> None:
+    """Compute and cache in one dense pass the statistics :func:`shared_dense_pass` names (each
+    collected apart, so its values are bit for bit those of its own pass); their providers then
+    read them from the cache."""
+    names = shared_dense_pass(needs, ctx)
+    if not names:
+        return
+    parts = [_dense_parts(ctx)[n] for n in names]
+    values = dense_pass(
+        ctx.source,
+        ctx.calib,
+        tuple(collect for collect, _, _ in parts),
+        lambda name, module, *sts: [reduce(name, module, st) for (_, _, reduce), st in zip(parts, sts)],
+        batch_size=ctx.batch_size,
+        progress=ctx.progress,
+        desc=f"dense statistics ({', '.join(names)})",
+    )
+    for i, (need, (_, key, _)) in enumerate(zip(names, parts)):
+        cached(ctx.cache_dir, need, key, lambda i=i: {name: v[i] for name, v in values.items()})
 
 
 @torch.no_grad()
 def dense_pass(
     source: BlockSource,
     calib: torch.Tensor,
-    needs: tuple[str, ...],
+    collect: tuple[tuple[str, ...], ...],
     reduce,
     *,
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "dense statistics",
 ) -> dict[str, Any]:
-    """One calibration pass through the *dense* model, propagated densely (no pruning): every
-    linear layer's :class:`~prunewise.prune.stats.LayerStats` of ``needs``, reduced when its block
-    has run by ``reduce(name, module, stats) -> value`` and released (``{linear name: value}``).
+    """One calibration pass through the *dense* model, propagated densely (no pruning): for every
+    linear layer one :class:`~prunewise.prune.stats.LayerStats` per tuple of ``collect`` (each as
+    its own pass would collect it), reduced when its block has run by
+    ``reduce(name, module, *stats) -> value`` and released (``{linear name: value}``).
     A linear layer outside an expert that receives no input is an error."""
     out: dict[str, Any] = {}
 
     def step(i, block, linears, hidden, calls):
-        stats = {name: make_stats(needs, weight_matrix(m).shape[1]) for name, m in linears}
+        stats = {name: tuple(make_stats(c, weight_matrix(m).shape[1]) for c in collect) for name, m in linears}
         hidden = StatsCollector(stats, None).run(block, linears, hidden, calls)
         for name, module in linears:
-            st = stats[name]
-            if st.ntokens == 0 and not isinstance(module, ExpertLinear):
+            sts = stats[name]
+            if sts[0].ntokens == 0 and not isinstance(module, ExpertLinear):
                 raise RuntimeError(f"{name} received no calibration input")
-            out[name] = reduce(name, module, st)
-            st.release()
+            out[name] = reduce(name, module, *sts)
+            for st in sts:
+                st.release()
         return hidden
 
     source.walk(step, source.capture(calib, batch_size), desc=desc, progress=progress)
@@ -284,15 +344,4 @@ def dense_input_norms(
 ) -> dict[str, torch.Tensor]:
     """Wanda's ``a_j`` of every linear layer of the *dense* model, propagated densely: one
     calibration pass and no pruning (``{linear name: float32 [C_in]}``)."""
-
-    def norm(name, module, st):
-        if st.ntokens == 0:
-            log.warning(
-                "%s: no calibration token was routed to this expert; its input norms are taken "
-                "as ones (magnitude scores)",
-                name,
-            )
-            return torch.ones(st.in_features)
-        return st.input_norm().cpu()
-
-    return dense_pass(source, calib, ("input_norm",), norm, batch_size=batch_size, progress=progress)
+    return dense_pass(source, calib, (("input_norm",),), _norm, batch_size=batch_size, progress=progress)

@@ -327,12 +327,14 @@ def prune_model(
 class StatsCollector:
     """Forward pre-hooks that feed each linear layer's :class:`LayerStats`.
 
-    Layers that receive the same input tensor (q/k/v, gate/up) share one increment. With
+    Layers that receive the same input tensor (q/k/v, gate/up) share one increment. A layer may
+    hold several :class:`LayerStats` (a Gram matrix and the plain squared sums, as two separate
+    passes would collect them), each fed the same inputs. With
     ``stop_after`` set, every forward stops as soon as that layer has recorded its input: the
     block's remaining work (its largest matmul among it) is skipped when its outputs are unused.
     """
 
-    def __init__(self, stats: dict[str, LayerStats], stop_after: str | None):
+    def __init__(self, stats: dict[str, LayerStats | tuple[LayerStats, ...]], stop_after: str | None):
         self.stats = stats
         self.stop_after = stop_after
         self.order: list[str] = []
@@ -344,11 +346,12 @@ class StatsCollector:
             x = args[0]
             if self._x is not x:  # a new input tensor: drop the increments of the previous one
                 self._x, self._increments = x, {}
-            st = self.stats[name]
-            key = "gram" if st.want_gram else "sq"
-            if key not in self._increments:
-                self._increments[key] = st.increment(x)
-            st.add_increment(x, self._increments[key])
+            held = self.stats[name]
+            for st in held if isinstance(held, tuple) else (held,):  # several: collected apart, one input
+                key = "gram" if st.want_gram else "sq"
+                if key not in self._increments:
+                    self._increments[key] = st.increment(x)
+                st.add_increment(x, self._increments[key])
             self.order.append(name)
             if name == self.stop_after:
                 raise Stop
