@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -174,6 +175,22 @@ inline void row_tile(const float* x, const char* p, const uint8_t* m, int64_t mb
   }
 }
 
+// tile(std::integral_constant<int, T>, t) for token rows [t, t + T) of n in tiles of 8, then 4, 2, 1.
+template <typename Tile>
+inline void token_tiles(int64_t n, Tile tile) {
+  int64_t t = 0;
+  for (; n - t >= 8; t += 8) tile(std::integral_constant<int, 8>{}, t);
+  if (n - t >= 4) {
+    tile(std::integral_constant<int, 4>{}, t);
+    t += 4;
+  }
+  if (n - t >= 2) {
+    tile(std::integral_constant<int, 2>{}, t);
+    t += 2;
+  }
+  if (n - t >= 1) tile(std::integral_constant<int, 1>{}, t);
+}
+
 template <int KIND>
 void linear_avx512(const float* x, int64_t n, const char* vals, const uint8_t* mask, int64_t mbytes,
                    const int64_t* offs, int64_t cols, float* out, int64_t rows, int64_t r0, int64_t r1) {
@@ -181,17 +198,9 @@ void linear_avx512(const float* x, int64_t n, const char* vals, const uint8_t* m
   for (int64_t r = r0; r < r1; ++r) {
     const char* p = vals + offs[r] * item;
     const uint8_t* m = mask + r * mbytes;
-    int64_t t = 0;
-    for (; n - t >= 8; t += 8) row_tile<KIND, 8>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-    if (n - t >= 4) {
-      row_tile<KIND, 4>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-      t += 4;
-    }
-    if (n - t >= 2) {
-      row_tile<KIND, 2>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-      t += 2;
-    }
-    if (n - t >= 1) row_tile<KIND, 1>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    token_tiles(n, [&](auto T, int64_t t) {
+      row_tile<KIND, decltype(T)::value>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    });
   }
 }
 
@@ -254,17 +263,9 @@ void linear_dot(const uint16_t* x, int64_t n, const char* vals, const uint8_t* m
   for (int64_t r = r0; r < r1; ++r) {
     const char* p = vals + offs[r] * 2;
     const uint8_t* m = mask + r * mbytes;
-    int64_t t = 0;
-    for (; n - t >= 8; t += 8) row_tile_dot<8>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-    if (n - t >= 4) {
-      row_tile_dot<4>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-      t += 4;
-    }
-    if (n - t >= 2) {
-      row_tile_dot<2>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
-      t += 2;
-    }
-    if (n - t >= 1) row_tile_dot<1>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    token_tiles(n, [&](auto T, int64_t t) {
+      row_tile_dot<decltype(T)::value>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    });
   }
 }
 
