@@ -276,32 +276,35 @@ def _dense_parts(ctx: StatContext) -> dict[str, tuple[tuple[str, ...], str, Any]
 def shared_dense_pass(needs: tuple[str, ...], ctx: StatContext) -> list[str]:
     """The needs among ``needs`` that come from a dense calibration pass and are not cached yet,
     when there are two or more of them (one pass then computes them all); else ``[]``."""
+    return list(_uncached_parts(needs, ctx))
+
+
+def _uncached_parts(needs: tuple[str, ...], ctx: StatContext) -> dict[str, tuple[tuple[str, ...], str, Any]]:
     wanted = [n for n in needs if n in DENSE_PASS]
     if len(wanted) < 2 or ctx.calib is None:
-        return []
+        return {}
     parts = _dense_parts(ctx)
-    missing = [n for n in wanted if not entry(ctx.cache_dir, n, parts[n][1]).is_file()]
-    return missing if len(missing) >= 2 else []
+    missing = {n: parts[n] for n in wanted if not entry(ctx.cache_dir, n, parts[n][1]).is_file()}
+    return missing if len(missing) >= 2 else {}
 
 
 def _share_dense_pass(needs: tuple[str, ...], ctx: StatContext) -> None:
     """Compute and cache in one dense pass the statistics :func:`shared_dense_pass` names (each
     collected apart, so its values are bit for bit those of its own pass); their providers then
     read them from the cache."""
-    names = shared_dense_pass(needs, ctx)
-    if not names:
+    parts = _uncached_parts(needs, ctx)
+    if not parts:
         return
-    parts = [_dense_parts(ctx)[n] for n in names]
     values = dense_pass(
         ctx.source,
         ctx.calib,
-        tuple(collect for collect, _, _ in parts),
-        lambda name, module, *sts: [reduce(name, module, st) for (_, _, reduce), st in zip(parts, sts)],
+        tuple(collect for collect, _, _ in parts.values()),
+        lambda name, module, *sts: [reduce(name, module, st) for (_, _, reduce), st in zip(parts.values(), sts)],
         batch_size=ctx.batch_size,
         progress=ctx.progress,
-        desc=f"dense statistics ({', '.join(names)})",
+        desc=f"dense statistics ({', '.join(parts)})",
     )
-    for i, (need, (_, key, _)) in enumerate(zip(names, parts)):
+    for i, (need, (_, key, _)) in enumerate(parts.items()):
         cached(ctx.cache_dir, need, key, lambda i=i: {name: v[i] for name, v in values.items()})
 
 
