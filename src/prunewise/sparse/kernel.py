@@ -45,9 +45,10 @@ SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
 # At most this many token rows per call run on the kernel; more unpack the weight and matmul densely.
 # Measured crossovers (benchmarks/RESULTS.md, "Sparse checkpoints"): in float32 the kernel beats the
-# dense matmul up to 12 rows; with bf16 weights and activations (the dot-product path) it is 1.16x
-# the dense matmul at 8 rows over the layers of a Qwen2.5-Coder 1.5B block (cold matrices), where
-# unpacking for the dense matmul halves the speed. fp16 has no such path: 2, as measured before.
+# dense matmul up to 12 rows; with bf16 weights and activations (the dot-product path) at 8 rows it
+# is 1.16x the dense matmul over a Qwen2.5-Coder 1.5B block's layers on cold matrices and even with
+# it in the model (batch-8 decode 1.01x), where unpacking for the dense matmul gave 0.54x. fp16 has
+# no such path: 2, as measured before.
 KERNEL_TOKENS = {torch.float32: 12, torch.bfloat16: 8, torch.float16: 2}
 
 PAD = 16  # elements of padding after the values: the kernel reads 16 at a time
