@@ -128,15 +128,12 @@ def preview(ctx: StatContext, name: str, params: dict, sparsity: float, mode: st
     driver = driver_of(name, params) is not None
     if driver:  # trial prunings compute the metric's own statistics (gradients) too, once
         needs += [n for n in ctx.metric.needs if n in STATISTICS and n not in needs]
-    works = []
     shared = shared_dense_pass(tuple(needs), ctx)  # computed in one pass: announced as the costliest of them
-    for need in needs:
-        cost = STATISTICS.get(need).cost
-        work = cost(ctx, rates) if cost else None
-        if work is not None and need not in shared:
-            works.append(work)
+    costs = {n: STATISTICS.get(n).cost for n in needs}
+    each = {n: cost(ctx, rates) for n, cost in costs.items() if cost}
+    works = [w for n, w in each.items() if w is not None and n not in shared]
     if shared:
-        top = max((STATISTICS.get(n).cost(ctx, rates) for n in shared), key=lambda w: w.seconds or 0.0)
+        top = max((each[n] for n in shared), key=lambda w: w.seconds or 0.0)
         works.append(Work(f"{top.what} (one pass for {' and '.join(shared)})", top.seconds, top.cheaper))
     if driver:
         works.append(ALLOCATORS.get(name).driver_cost(ctx, rates, sparsity, params, mode))
