@@ -215,7 +215,7 @@ def main() -> int:
             shapes=[(1, 128), (1, 2048), (8, 2048)][: 2 if args.tiny else 3],
             decode_batches=[1, 16],
             steps=8 if args.tiny else 64,
-            tokens=2048,
+            tokens=[1, 16, 2048],
             repeat=3,
         )
         emit(
