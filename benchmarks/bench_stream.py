@@ -58,7 +58,9 @@ def measure(cmd: list[str], limit_gb: float | None = None) -> tuple[int, int]:
     return peak, rc
 
 
-def prune_once(args: list[str], stream: str, out: Path, limit_gb: float | None) -> dict:
+def prune_once(args: list[str], stream: str, out: Path, limit_gb: float | None, timings: bool = False) -> dict:
+    """One ``prunewise prune`` child: its peak RSS and the figures of its record (``timings``: also
+    the record's own timings and the engine's, GBLM's gradient pass among them)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "prunewise", "prune", *args, "--stream", stream, "--out", str(out), "-q"]
     peak, rc = measure(cmd, limit_gb)
@@ -77,6 +79,8 @@ def prune_once(args: list[str], stream: str, out: Path, limit_gb: float | None) 
     }
     if rec.get("pruned"):
         row["ppl"] = rec["pruned"]["ppl"]
+    if timings:
+        row["timings"] = {k: round(v, 2) for k, v in {**rec["pruning"]["timings"], **rec["timings"]}.items()}
     shutil.rmtree(out, ignore_errors=True)
     return row
 
