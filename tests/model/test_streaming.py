@@ -27,7 +27,8 @@ from prunewise.cli import main
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
 from prunewise.model.loading import bundled_model_dir, load_model, load_skeleton
-from prunewise.model.memory import Workload, estimate
+from prunewise.model.memory import PROCESS, Workload, estimate, gradient_pass
+from prunewise.model.sources import make_source
 from prunewise.model.streaming import model_fingerprint, random_checkpoint, stream_of
 from prunewise.prune import gradients
 from prunewise.run.evaluate import evaluate_run
@@ -170,11 +171,17 @@ def test_gblm_spills_block_inputs_to_disk(model_dir, text, tmp_path, monkeypatch
     """With almost no memory available the kept block inputs go to disk: same gradients, same masks."""
     spills: list[bool] = []
     saved: list[str] = []
+    stores: list[tuple | None] = []
 
     class Recording(gradients._Kept):
-        def __init__(self, spill: bool):
+        def __init__(self, spill: bool, blocks: int):
             spills.append(spill)
-            super().__init__(spill)
+            super().__init__(spill, blocks)
+
+        def take(self, i, device):
+            if i == self.blocks - 1:  # the first taken: every block's inputs are in
+                stores.append(None if self.store is None else (tuple(self.store.shape), len(self.memory)))
+            return super().take(i, device)
 
     real_save = torch.save
     monkeypatch.setattr(gradients, "_Kept", Recording)
@@ -189,6 +196,8 @@ def test_gblm_spills_block_inputs_to_disk(model_dir, text, tmp_path, monkeypatch
         _cfg(model_dir, text, "gblm", "uniform", "on"), out=tmp_path / "kept", cache_dir=tmp_path / "c1", progress=False
     ).record
     assert spills == [False] and saved == []
+    # in memory every block's inputs of every window are one tensor (one allocation: no fragmented heap)
+    assert stores == [((len(kept.allocation["blocks"]), 4, 1, 16, 32), 0)]  # blocks, windows, batch, tokens, hidden
     monkeypatch.setattr(gradients, "host_available", lambda: 1)
     spilled = run(
         _cfg(model_dir, text, "gblm", "uniform", "on"),
@@ -196,7 +205,7 @@ def test_gblm_spills_block_inputs_to_disk(model_dir, text, tmp_path, monkeypatch
         cache_dir=tmp_path / "c2",
         progress=False,
     ).record
-    assert spills == [False, True]
+    assert spills == [False, True] and stores[1] is None
     blocks = len(kept.allocation["blocks"])
     assert len(saved) == blocks  # one file of kept inputs a block, on disk
     assert kept.pruning["mask_sha256"] == spilled.pruning["mask_sha256"]
@@ -265,6 +274,41 @@ def test_auto_mode_streams_only_what_does_not_fit(model_dir):
     assert estimate(model, work, available=1 << 50, stream="on").mode == "stream"
     est = estimate(model, work, stream="on")  # streamed: the blocks' weights become three blocks'
     assert est.host_memory - est.host_stream == est.parts["weights"] - est.parts["outside"] - 3 * est.parts["block"]
+
+
+def test_gblm_gradient_pass_enters_the_estimate(model_dir, text, tmp_path):
+    """GBLM's gradient pass runs before the walk: its terms, hand-computed for the tiny LLaMA
+    (3 blocks, hidden 32, MLP 64, 4 heads, vocabulary 192, float32, 16-token windows), bound the
+    estimate in both modes, and a run's record carries them."""
+    model, _, _ = load_model(str(model_dir), stream=True)
+    source = make_source(model)
+    prunable, largest = 3 * (4 * 32 * 32 + 3 * 64 * 32), 64 * 32
+    per_block = 16 * (10 * 32 + 3 * 64 + 4 * 16) * 4  # one window through one block
+    logits = 4 * 16 * 192 * 4
+    assert gradient_pass(source, 16, "whole") == {
+        "accumulators": 4 * prunable,
+        "gradient": 4 * largest,
+        "activations": 3 * per_block + logits,
+    }
+    assert gradient_pass(source, 16, "blocks")["activations"] == 3 * 16 * 32 * 4 + per_block + logits
+    kept, grads = 3 * 4 * 16 * 32 * 4, 4 * 16 * 32 * 4  # every block's inputs of 4 windows; their head gradients
+    streamed = gradient_pass(source, 16, "stream", windows=4, available=1 << 40)
+    assert streamed == {
+        "accumulators": 4 * prunable // 3,
+        "gradient": 4 * largest,
+        "activations": kept + per_block + grads + logits,
+    }
+    spilled = gradient_pass(source, 16, "stream", windows=4, available=4 * kept - 4)
+    assert streamed["activations"] - spilled["activations"] == kept - kept // 3
+    work = Workload(windows=4, seqlen=16)
+    plain, gblm = (estimate(model, w, available=1 << 40) for w in (work, Workload(4, 16, gradients="whole")))
+    whole = sum(gradient_pass(source, 16, "whole").values())
+    assert (gblm.parts["gradient_pass"], gblm.parts["gradient_pass_streamed"]) == (whole, sum(streamed.values()))
+    assert gblm.host_memory == max(plain.host_memory + 4 * prunable, PROCESS + plain.parts["weights"] + whole)
+    outside, block = plain.parts["outside"], plain.parts["block"]
+    assert gblm.host_stream == max(plain.host_stream, PROCESS + outside + 3 * block + sum(streamed.values()))
+    rec = run(_cfg(model_dir, text, "gblm", "uniform", "off"), out=tmp_path / "r", progress=False).record
+    assert rec.memory["gradient_pass_gb"] == round(whole / 1e9, 3) and rec.memory["mode"] == "memory"
 
 
 def _cgroup_v1(limit: int) -> Path | None:

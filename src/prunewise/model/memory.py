@@ -182,6 +182,34 @@ class Workload:
     hessians: bool = False
     eval_windows: int = 0
     eval_seqlen: int = 0
+    gradients: str | None = None  # GBLM's gradient pass first: "whole" or "blocks" (checkpointing) backward
+
+
+def gradient_pass(source, seqlen: int, how: str, windows: int = 1, available: int | None = None) -> dict[str, int]:
+    """Bytes GBLM's gradient pass needs beyond the weights its mode holds, per term: the float32
+    accumulators, the largest gradient alive at once, the activations kept for the backward and
+    the head's logits. ``how``: ``whole`` (one autograd graph through the model per window: every
+    block's activations), ``blocks`` (checkpointing: one window's block inputs, one block's
+    activations), ``stream`` (a streamed model: the inputs of every block for every window are
+    kept, in files when more than a quarter of ``available``; one block's accumulators)."""
+    model = source.model
+    prunable = [weight_matrix(m).numel() for _, _, m in source.all_linears()]
+    elt = next(model.parameters()).element_size()
+    shape = ModelShape.of(model)
+    layers = len(source)
+    # one window through one block: its output, the attention scores, the MLP's intermediate
+    per_block = seqlen * (10 * shape.hidden + 3 * shape.intermediate + shape.heads * seqlen) * elt
+    logits = 4 * seqlen * shape.vocab * 4  # float32 logits, their log-softmax and both gradients (measured)
+    if how == "stream":
+        kept = layers * windows * seqlen * shape.hidden * elt
+        if available is not None and kept > available / 4:  # spilled: one block's at a time
+            kept = windows * seqlen * shape.hidden * elt
+        per_grad = windows * seqlen * shape.hidden * 4  # each window's gradient at the last block
+        acc, acts = 4 * sum(prunable) // layers, kept + per_block + per_grad
+    else:
+        acc = 4 * sum(prunable)
+        acts = layers * seqlen * shape.hidden * elt + per_block if how == "blocks" else layers * per_block
+    return {"accumulators": acc, "gradient": max(prunable) * elt, "activations": acts + logits}
 
 
 def estimate(
@@ -232,6 +260,13 @@ def estimate(
         host_memory, host_stream, on_device = PROCESS + total + working, PROCESS + outside + 3 * block + working, None
     if available is None:
         available = host_available()
+    if work.gradients and dev.type == "cpu":  # the gradient pass runs first; its statistics stay for the walk
+        held = sum(gradient_pass(source, work.seqlen, work.gradients).values())
+        streamed = sum(gradient_pass(source, work.seqlen, "stream", work.windows, available).values())
+        acc = 4 * sum(weight_matrix(m).numel() for _, _, m in source.all_linears())
+        parts["gradient_pass"], parts["gradient_pass_streamed"] = held, streamed
+        host_memory = max(host_memory + acc, PROCESS + total + held)
+        host_stream = max(host_stream, PROCESS + outside + 3 * block + streamed)
     if stream == "on":
         mode = "stream"
     elif stream == "off":

@@ -43,27 +43,13 @@ from ..errors import PrunewiseError
 from ..model.blocks import BlockSource, first, next_token_loss, run_block
 from ..model.experts import ExpertLinear
 from ..model.layers import is_conv1d, weight_matrix
-from ..model.memory import ModelShape, device_available, host_available
+from ..model.malloc import returning_freed_memory
+from ..model.memory import ModelShape, device_available, gradient_pass, host_available
 from ..model.sources import make_source
 from ..model.streaming import model_fingerprint
 from ..storage.cache import cached, cached_lazy, fingerprint
 
 NORMS = ("l1", "l2")
-
-
-def memory_estimate(source: BlockSource, seqlen: int, checkpointing: bool) -> dict[str, int]:
-    """Rough bytes needed beyond the loaded weights: float32 accumulators, the largest gradient
-    alive at once, and activations kept for the backward pass of one window."""
-    model = source.model
-    prunable = [weight_matrix(m) for _, _, m in source.all_linears()]
-    acc = sum(w.numel() for w in prunable) * 4
-    elt = next(model.parameters()).element_size()
-    shape = ModelShape.of(model)
-    per_block = seqlen * (10 * shape.hidden + 3 * shape.intermediate + shape.heads * seqlen) * elt
-    layers = len(source)
-    acts = layers * seqlen * shape.hidden * elt + per_block if checkpointing else layers * per_block
-    logits = 3 * seqlen * shape.vocab * 4
-    return {"accumulators": acc, "gradient": max(w.numel() for w in prunable) * elt, "activations": acts + logits}
 
 
 def _check_backward(weights: dict[str, nn.Parameter]) -> None:
@@ -78,7 +64,7 @@ def _check_backward(weights: dict[str, nn.Parameter]) -> None:
 def _check_memory(source: BlockSource, seqlen: int, checkpointing: bool, available: int | None) -> dict:
     """Raise with what is needed when the estimate exceeds the memory available on the device."""
     model, dev = source.model, source.device
-    need = memory_estimate(source, seqlen, checkpointing)
+    need = gradient_pass(source, seqlen, "blocks" if checkpointing else "whole")
     have = available if available is not None else (device_available(dev) or host_available())
     on_device = dev.type == "cuda" and not checkpointing  # the block-wise backward holds one block there
     total = sum(need.values()) + (sum(p.numel() * p.element_size() for p in model.parameters()) if on_device else 0)
@@ -174,7 +160,7 @@ def collect_gradients(
     try:
         if not checkpointing:
             model.to(source.device)
-        with _folding(model, modules, acc, norm, scale):
+        with _folding(model, modules, acc, norm, scale), returning_freed_memory():
             for window in tqdm(calib, desc="gradients", unit="window", disable=not progress):
                 ids = window.unsqueeze(0).to(source.device)
                 if checkpointing:
@@ -195,21 +181,31 @@ def collect_gradients(
 
 class _Kept:
     """Each block's inputs for every window, kept from the forward pass for the backward one: in
-    memory, or in files under a temporary folder when they would not fit (``spill``)."""
+    memory, or in files under a temporary folder when they would not fit (``spill``). In memory,
+    windows of one shape go into one tensor for all ``blocks``, allocated at the first block: kept
+    piece by piece between each block's short-lived weights and activations, they fragmented the
+    heap (0.95 GB resident for 0.57 GB kept on the bundled model, 16 x 512 tokens)."""
 
-    def __init__(self, spill: bool):
+    def __init__(self, spill: bool, blocks: int):
         self.folder = tempfile.TemporaryDirectory(prefix="prunewise-inputs-") if spill else None
+        self.blocks = blocks
+        self.store: torch.Tensor | None = None
         self.memory: dict[int, list[torch.Tensor]] = {}
 
     def put(self, i: int, hidden: list[torch.Tensor]) -> None:
-        if self.folder is None:
-            self.memory[i] = hidden
-        else:
+        if self.folder is not None:
             torch.save([h.cpu() for h in hidden], Path(self.folder.name) / f"{i}.pt")
+        elif self.store is not None or (i == 0 and len({h.shape for h in hidden}) == 1):
+            if self.store is None:
+                self.store = hidden[0].new_empty((self.blocks, len(hidden), *hidden[0].shape))
+            for j, h in enumerate(hidden):
+                self.store[i, j].copy_(h)
+        else:
+            self.memory[i] = hidden
 
     def take(self, i: int, device: torch.device) -> list[torch.Tensor]:
         if self.folder is None:
-            return self.memory.pop(i)
+            return list(self.store[i]) if self.store is not None else self.memory.pop(i)
         path = Path(self.folder.name) / f"{i}.pt"
         hidden = [h.to(device) for h in torch.load(path, weights_only=True)]
         path.unlink()
@@ -236,7 +232,7 @@ def backward_through_blocks(
     activations exist at a time. ``around(i, block, linears)`` is entered while block ``i``
     back-propagates (a streamed model folds and writes that block's gradients there)."""
     inputs = source.capture(windows, 1)
-    kept = _Kept(spill)
+    kept = _Kept(spill, len(source))
 
     def forward(i, block, linears, hidden, calls):
         kept.put(i, hidden)
@@ -283,13 +279,14 @@ def streamed_gradients(
         for name, t in acc.items():
             put(name, (t.sqrt_() if norm == "l2" else t).cpu())
 
-    backward_through_blocks(
-        source,
-        calib,
-        spill=room is not None and per_block * len(source) > room / 4,
-        around=folding_block,
-        progress=progress,
-    )
+    with returning_freed_memory():  # each window's logits between long-lived tensors: no kept heap
+        backward_through_blocks(
+            source,
+            calib,
+            spill=room is not None and per_block * len(source) > room / 4,
+            around=folding_block,
+            progress=progress,
+        )
 
 
 def gradient_key(model_key: str, calib: torch.Tensor, blocks_path: str | None, norm: str, scale: float) -> str:

@@ -95,14 +95,16 @@ def eval_tokens(tokenizer, config: PruneConfig, cache_dir: Path) -> int:
 def placement_of(model: nn.Module, tokenizer, config: PruneConfig, cache_dir: Path, stream: str) -> Estimate:
     """The run's estimated peak memory over ``model`` and the mode ``stream`` resolves to."""
     eval_seqlen = config.eval_seqlen or config.seqlen
+    metric, params = config.metric_spec
+    needs = METRICS.get(metric).needs
     work = Workload(
         windows=config.nsamples if needs_calibration(config) else 0,
         seqlen=config.seqlen,
         batch_size=config.batch_size,
-        hessians=wants_gram(METRICS.get(config.metric_spec[0]).needs)
-        or "reconstruction_error" in allocator_needs(config),
+        hessians=wants_gram(needs) or "reconstruction_error" in allocator_needs(config),
         eval_windows=eval_tokens(tokenizer, config, cache_dir) // eval_seqlen,
         eval_seqlen=eval_seqlen,
+        gradients=("blocks" if params.get("checkpointing") else "whole") if "grad" in needs else None,
     )
     return estimate(model, work, device=config.device, blocks_path=config.blocks_path, stream=stream)
 
