@@ -22,6 +22,10 @@ that runs, the next one being read, and the one being written). With ``--device 
 activations, statistics and temporaries are on the device with the block (and ``O`` while the
 head runs): the device holds ``O + B + A + S + T`` in both modes, the host ``R + W`` or ``R + O + 3B``.
 
+GBLM's gradient pass (:func:`gradient_pass`, ``G``) runs before the walk: the host peak is then
+``max(walk + 4P, R + W + G)`` in memory (``P`` prunable weights, their float32 statistics held for
+the walk) and ``max(walk, R + O + 3B + G)`` streamed.
+
 ``--stream auto`` (the default) streams when the in-memory estimate does not fit in 90% of what
 the process may use.
 """
