@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig, Qwen2Config
 
+from prunewise.config import PruneConfig
 from prunewise.model.layers import find_blocks
 
 DATA = Path(__file__).parent / "data"  # task folders and files the tests read
@@ -147,3 +148,18 @@ def sharded_checkpoint(
         tie_word_embeddings=tied,
     )
     return random_checkpoint(folder, config, tokenizer=tok, max_shard_bytes=max_shard_bytes, seed=seed)
+
+
+def run_config(model_dir, text, **fields) -> PruneConfig:
+    """A quick run of a tiny model folder: 4 x 16 calibration tokens and 320 evaluation tokens
+    (windows of 16) from the file ``text``; ``fields`` set or override the rest."""
+    base = dict(
+        model=str(model_dir),
+        calib=f"file:{text}",
+        nsamples=4,
+        seqlen=16,
+        eval_data=f"file:{text}",
+        eval_seqlen=16,
+        max_tokens=320,
+    )
+    return PruneConfig(**{**base, **fields})

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import prunewise as pw
-from helpers import tiny_config, tiny_model
+from helpers import run_config, tiny_config, tiny_model
 from prunewise.model.layers import block_linears, find_blocks, weight_matrix
 from prunewise.prune.engine import prune_model, target_count
 from prunewise.prune.masks import parse_pattern
@@ -64,20 +64,7 @@ def test_every_metric_prunes_on_cuda_as_on_cpu(metric, pattern, calib):
 
 
 def _cfg(model_dir, text, device, **kw):
-    base = dict(
-        model=str(model_dir),
-        metric="wanda",
-        allocator="uniform",
-        sparsity=0.6,
-        calib=f"file:{text}",
-        nsamples=4,
-        seqlen=16,
-        eval_data=f"file:{text}",
-        eval_seqlen=16,
-        max_tokens=320,
-        device=device,
-    )
-    return pw.PruneConfig(**{**base, **kw})
+    return run_config(model_dir, text, **{"metric": "wanda", "sparsity": 0.6, "device": device, **kw})
 
 
 def _on_both(model_dir, text, tmp_path, **kw):

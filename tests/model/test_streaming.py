@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from helpers import make_tokenizer, sharded_checkpoint, tiny_config
+from helpers import make_tokenizer, run_config, sharded_checkpoint, tiny_config
 from prunewise.cli import main
 from prunewise.config import PruneConfig
 from prunewise.errors import PrunewiseError
@@ -84,20 +84,7 @@ def test_skeleton_reads_the_same_model(model_dir, tokenizer):
 
 
 def _cfg(model_dir: Path, text: Path, metric: str, allocator: str, stream: str, **kw) -> PruneConfig:
-    return PruneConfig(
-        model=str(model_dir),
-        metric=metric,
-        allocator=allocator,
-        sparsity=0.5,
-        calib=f"file:{text}",
-        nsamples=4,
-        seqlen=16,
-        eval_data=f"file:{text}",
-        eval_seqlen=16,
-        max_tokens=320,
-        stream=stream,
-        **kw,
-    )
+    return run_config(model_dir, text, metric=metric, allocator=allocator, sparsity=0.5, stream=stream, **kw)
 
 
 def _both(tmp_path: Path, make) -> tuple:
