@@ -4,8 +4,10 @@ and the field, never an AttributeError later (issue 22 case 6)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from prunewise.errors import PrunewiseError
 from prunewise.run.record import RunRecord
@@ -55,3 +57,22 @@ def test_a_well_typed_record_reads(tmp_path):
     (tmp_path / "pruning.json").write_text(json.dumps(_record()))
     rec = RunRecord.read(tmp_path)
     assert rec.sparsity == 0.5 and rec.pruned["ppl"] == 12.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="no /proc (Linux) to reset the peak in")
+def test_peak_memory_is_the_runs_own_after_a_reset():
+    """A sweep runs many records in one process: after reset_peak_memory() the peak is measured
+    anew, so a row's peak is its own and not the largest of the rows before it."""
+    from prunewise.model.malloc import returning_freed_memory
+    from prunewise.run.saving import peak_memory, reset_peak_memory
+
+    with returning_freed_memory():  # the block goes back to the kernel when freed, whatever the tuning
+        reset_peak_memory()
+        before = peak_memory()["peak_rss_gb"]
+        big = torch.ones(400 * 2**20 // 4)  # 400 MiB, every page touched
+        during = peak_memory()["peak_rss_gb"]
+        del big
+        reset_peak_memory()
+        after = peak_memory()["peak_rss_gb"]
+    assert during - before > 0.4
+    assert during - after > 0.35

@@ -36,7 +36,7 @@ from .job import (
     stat_context,
 )
 from .record import RunRecord
-from .saving import check_output_dir, mask_digest, peak_memory, save_run, versions
+from .saving import check_output_dir, mask_digest, peak_memory, reset_peak_memory, save_run, versions
 from .trials import Executor, local_trials
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,7 @@ def run(config: PruneConfig, options: RunOptions | None = None, **settings: Any)
         EXPORTERS.get(opts.format)
         local = Path(config.model).expanduser()
         check_output_dir(Path(opts.out), opts.overwrite, (local if local.exists() else None, cache_dir))
+    reset_peak_memory()
     t_start = time.perf_counter()
     scratch = Path(opts.out).resolve().parent if opts.out is not None else cache_dir / "stream"
     job = Job.load(config, cache_dir, trust_remote_code=opts.trust_remote_code, scratch=scratch, expect=opts.expect)

@@ -58,9 +58,37 @@ def check_same_model(expected: dict[str, Any] | None, now: dict[str, str], what:
         )
 
 
+def _high_water() -> int | None:
+    """The process's peak resident size since it started or since :func:`reset_peak_memory`
+    (Linux ``VmHWM``), in bytes; None where there is no ``/proc``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> None:
+    """Start measuring the peak anew (one run of several in one process, e.g. a sweep's): Linux
+    sets ``VmHWM`` to the present resident size; CUDA's peak allocation is reset too."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> dict[str, float]:
-    """Peak resident set size of this process (and peak CUDA allocation when used), in GB."""
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+    """Peak resident set size of this process since it started or since :func:`reset_peak_memory`
+    (and peak CUDA allocation when used), in GB."""
+    hwm = _high_water()
+    rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {"peak_rss_gb": rss / 1e9}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out

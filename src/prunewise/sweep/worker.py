@@ -15,7 +15,7 @@ from ..run.job import Job, restore_weights
 from ..run.pipeline import evaluate_dense, prune_and_evaluate
 from ..run.record import RunRecord
 from ..run.results import now
-from ..run.saving import peak_memory, save_run, versions
+from ..run.saving import peak_memory, reset_peak_memory, save_run, versions
 from .grid import DENSE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class SweepWorker:
     def run(self, config: PruneConfig, key: str, save_to: Path | None = None) -> tuple[dict[str, Any], RunRecord]:
         """One run from the dense weights; a failure is recorded in the line, never raised."""
         restore_weights(self.model, self.job.dense_weights)
+        reset_peak_memory()  # the row's own peak, not the sweep's so far
         t0 = time.perf_counter()
         row: dict[str, Any] = {"key": key, "kind": "run"}
         record = RunRecord(config.to_dict())
