@@ -265,9 +265,9 @@ def estimate(
     if available is None:
         available = host_available()
     if work.gradients and dev.type == "cpu":  # the gradient pass runs first; its statistics stay for the walk
-        held = sum(gradient_pass(source, work.seqlen, work.gradients).values())
+        terms = gradient_pass(source, work.seqlen, work.gradients)
+        held, acc = sum(terms.values()), terms["accumulators"]  # every prunable weight's float32 statistic
         streamed = sum(gradient_pass(source, work.seqlen, "stream", work.windows, available).values())
-        acc = 4 * sum(weight_matrix(m).numel() for _, _, m in source.all_linears())
         parts["gradient_pass"], parts["gradient_pass_streamed"] = held, streamed
         host_memory = max(host_memory + acc, PROCESS + total + held)
         host_stream = max(host_stream, PROCESS + outside + 3 * block + streamed)
