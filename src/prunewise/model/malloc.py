@@ -32,16 +32,32 @@ LARGE = 32 << 20  # blocks from this size are mmap-ed while memory is returned (
 _kept = False  # keep_freed_memory applied
 
 
-def _mallopt():
-    name = ctypes.util.find_library("c")
-    if not name:
+def _libc_function(name: str):
+    """glibc's ``name`` taking ints, or None outside glibc."""
+    lib = ctypes.util.find_library("c")
+    if not lib:
         return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        fn = getattr(ctypes.CDLL(lib), name)
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return mallopt
+    fn.argtypes = [ctypes.c_int, ctypes.c_int] if name == "mallopt" else [ctypes.c_size_t]
+    return fn
+
+
+def _mallopt():
+    return _libc_function("mallopt")
+
+
+def release_free_heap() -> bool:
+    """Give the free pages of every malloc arena back to the kernel (``malloc_trim(0)``): a block
+    then allocated where freed memory was kept is faulted in anew, so it shows in the resident
+    size. Return whether it ran (glibc only)."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def keep_freed_memory() -> bool:
@@ -58,7 +74,11 @@ def keep_freed_memory() -> bool:
 def returning_freed_memory() -> Iterator[None]:
     """For the duration, blocks of :data:`LARGE` bytes and more are mmap-ed again (given back to
     the kernel when freed) and the heap is trimmed; then :func:`keep_freed_memory` applies again.
-    A no-op unless it had applied."""
+    On entry the free pages the heap kept are given back (:func:`release_free_heap`): glibc serves
+    a large block from a kept free chunk before it considers ``mmap``, so without that a block
+    would reuse pages made resident by an earlier peak. The tuning is a no-op unless
+    :func:`keep_freed_memory` had applied."""
+    release_free_heap()
     mallopt = _mallopt() if _kept else None
     if mallopt is None:
         yield
