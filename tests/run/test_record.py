@@ -64,21 +64,21 @@ def test_peak_memory_is_the_runs_own_after_a_reset():
     """A sweep runs many records in one process: after reset_peak_memory() the peak is measured
     anew, so a row's peak is its own and not the largest of the rows before it. The CLI's tuning
     keeps freed memory in the heap; an earlier peak (here 1.2 GB of 20 MB blocks, freed) leaves
-    resident free chunks a new block would reuse unseen, unless they are given back first."""
-    from prunewise.model.malloc import keep_freed_memory, returning_freed_memory
+    resident free chunks that a new block would reuse unseen, and a freed block stays resident,
+    unless the reset gives them back first."""
+    from prunewise.model.malloc import keep_freed_memory
     from prunewise.run.saving import peak_memory, reset_peak_memory
 
     if not keep_freed_memory():
         pytest.skip("no glibc to tune")
     earlier = [torch.ones(20 * 2**20 // 4) for _ in range(60)]
     del earlier
-    with returning_freed_memory():  # the block goes back to the kernel when freed, whatever the tuning
-        reset_peak_memory()
-        before = peak_memory()["peak_rss_gb"]
-        big = torch.ones(400 * 2**20 // 4)  # 400 MiB, every page touched
-        during = peak_memory()["peak_rss_gb"]
-        del big
-        reset_peak_memory()
-        after = peak_memory()["peak_rss_gb"]
+    reset_peak_memory()
+    before = peak_memory()["peak_rss_gb"]
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, every page touched
+    during = peak_memory()["peak_rss_gb"]
+    del big
+    reset_peak_memory()
+    after = peak_memory()["peak_rss_gb"]
     assert during - before > 0.4
     assert during - after > 0.35

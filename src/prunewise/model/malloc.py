@@ -50,9 +50,9 @@ def _mallopt():
 
 
 def release_free_heap() -> bool:
-    """Give the free pages of every malloc arena back to the kernel (``malloc_trim(0)``): a block
-    then allocated where freed memory was kept is faulted in anew, so it shows in the resident
-    size. Return whether it ran (glibc only)."""
+    """Give the free pages of every malloc arena back to the kernel (``malloc_trim(0)``): the
+    resident size is then the live memory, and a block later allocated where freed memory was kept
+    is faulted in anew, so it shows in the resident size. Return whether it ran (glibc only)."""
     trim = _libc_function("malloc_trim")
     if trim is None:
         return False
@@ -74,11 +74,9 @@ def keep_freed_memory() -> bool:
 def returning_freed_memory() -> Iterator[None]:
     """For the duration, blocks of :data:`LARGE` bytes and more are mmap-ed again (given back to
     the kernel when freed) and the heap is trimmed; then :func:`keep_freed_memory` applies again.
-    On entry the free pages the heap kept are given back (:func:`release_free_heap`): glibc serves
-    a large block from a kept free chunk before it considers ``mmap``, so without that a block
-    would reuse pages made resident by an earlier peak. The tuning is a no-op unless
-    :func:`keep_freed_memory` had applied."""
-    release_free_heap()
+    glibc still serves a large block from a free heap chunk kept before, before it considers
+    ``mmap``; :func:`release_free_heap` makes such pages non-resident. The tuning is a no-op
+    unless :func:`keep_freed_memory` had applied."""
     mallopt = _mallopt() if _kept else None
     if mallopt is None:
         yield

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
+from ..model.malloc import release_free_heap
 from ..model.sources import make_source
 from ..model.streaming import model_fingerprint, stream_of
 from ..storage.atomic import atomic_folder
@@ -72,8 +73,10 @@ def _high_water() -> int | None:
 
 
 def reset_peak_memory() -> None:
-    """Start measuring the peak anew (one run of several in one process, e.g. a sweep's): Linux
-    sets ``VmHWM`` to the present resident size; CUDA's peak allocation is reset too."""
+    """Start measuring the peak anew (one run of several in one process, e.g. a sweep's): the free
+    pages the heap kept are given back first (:func:`release_free_heap`), then Linux sets
+    ``VmHWM`` to the present resident size; CUDA's peak allocation is reset too."""
+    release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
