@@ -120,3 +120,25 @@ def test_evaluate_records_protocol(text_file, tokenizer, tmp_path):
     assert out["data"] == f"file:{text_file}" and out["split"] == "all"
     assert out["seqlen"] == 32 and out["tokens"] == 256 and out["windows"] == 8
     assert out["ppl"] > 1
+
+
+def test_evaluate_with_a_model_key_reads_the_same_weights_back(text_file, tokenizer, tmp_path):
+    """A model key caches the per-window losses: the second call does no forward pass (the model
+    is broken in between, yet the figure is the first one); another key, another window count or
+    another sequence length measures anew."""
+    model = tiny_model("gpt2")
+    kw = dict(max_tokens=256, cache_dir=tmp_path, progress=False)
+    first = evaluate(model, tokenizer, f"file:{text_file}", 32, model_key="w1", **kw)
+    assert "cached" not in first
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    again = evaluate(model, tokenizer, f"file:{text_file}", 32, model_key="w1", **kw)
+    assert again == {**first, "cached": True}
+    assert len(list((tmp_path / "perplexity").glob("*.safetensors"))) == 1
+    zeroed = evaluate(model, tokenizer, f"file:{text_file}", 32, model_key="w2", **kw)
+    assert "cached" not in zeroed and zeroed["ppl"] == pytest.approx(192, rel=1e-4)  # uniform logits: the vocab
+    shorter = evaluate(model, tokenizer, f"file:{text_file}", 32, model_key="w1", **{**kw, "max_tokens": 128})
+    other_len = evaluate(model, tokenizer, f"file:{text_file}", 16, model_key="w1", **kw)
+    assert "cached" not in shorter and shorter["windows"] == 4
+    assert "cached" not in other_len and other_len["windows"] == 16

@@ -7,6 +7,12 @@ next-token cross-entropy over its ``seqlen - 1`` shifted positions; perplexity i
 ``max_tokens`` evaluates on a prefix. Models trained with a BOS at the start of every sequence
 (Gemma) get one per window: ``[BOS] + seqlen - 1`` text tokens.
 
+:func:`evaluate` given the fingerprint of the model's weights (``model_key``: a run's dense
+source, whose fingerprint the run computes anyway) keeps the per-window losses in the cache, keyed
+by the fingerprint, the token ids evaluated and every option that changes the numbers (seqlen,
+batch, device type, BOS, torch version): a second run on the same dense model reads its baseline
+back instead of walking the model again (``cached: true`` in the result says so).
+
 Deviations from reference: none in the numbers; the references run the whole model per window,
 here only one decoder block at a time is on the device and logits are computed in chunks.
 """
@@ -25,6 +31,7 @@ from ..errors import PrunewiseError
 from ..model.blocks import Inputs, next_token_loss, replay_step
 from ..model.memory import LOGIT_BYTES, device_available, host_available
 from ..model.sources import make_source
+from ..storage.cache import cached, fingerprint
 
 BOS_PER_WINDOW = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -54,6 +61,13 @@ def perplexity(
 
     The windows go through the block loop (:mod:`prunewise.model.blocks`), so only one decoder block at a
     time is on ``device``."""
+    windows = eval_windows(ids, seqlen, max_tokens, bos_id)
+    return summary(window_nll(model, windows, batch_size, device, progress, blocks_path, chunk), seqlen)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int | None) -> torch.Tensor:
+    """The ``[n, seqlen]`` windows of the token stream ``ids`` (its first ``max_tokens``) the
+    protocol evaluates, a BOS first in each when ``bos_id`` is set."""
     step = seqlen - 1 if bos_id is not None else seqlen
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -63,6 +77,27 @@ def perplexity(
     windows = ids[: nwin * step].view(nwin, step)
     if bos_id is not None:
         windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
+def summary(losses: torch.Tensor, seqlen: int) -> dict:
+    """Perplexity and its protocol from the per-window mean losses."""
+    n = losses.numel()
+    return {"ppl": math.exp(losses.mean().item()), "seqlen": seqlen, "windows": n, "tokens": n * seqlen}
+
+
+@torch.no_grad()
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+    blocks_path: str | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The mean next-token loss of each of ``windows`` ([n, seqlen] token ids), float64."""
+    nwin = windows.shape[0]
     # Through the block loop: one block at a time on the device, logits from the model's own head.
     # Every window is captured once; ``chunk`` windows walk the blocks together (default one batch:
     # the lowest peak memory on CPU). A source that reads blocks from disk walks as many windows
@@ -87,8 +122,7 @@ def perplexity(
             hidden[j] = None
             bar.update(batch.shape[0])
     bar.close()
-    mean = torch.cat(losses).mean().item()
-    return {"ppl": math.exp(mean), "seqlen": seqlen, "windows": nwin, "tokens": nwin * seqlen}
+    return torch.cat(losses)
 
 
 def window_losses(source, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
@@ -121,24 +155,28 @@ def evaluate(
     cache_dir: Path | None = None,
     progress: bool = True,
     blocks_path: str | None = None,
+    model_key: str | None = None,
 ) -> dict:
-    """Perplexity on a named evaluation source (``wiki``, ``file:PATH``, ``wikitext2``, ``c4``)."""
+    """Perplexity on a named evaluation source (``wiki``, ``file:PATH``, ``wikitext2``, ``c4``);
+    ``model_key``, the fingerprint of the model's weights, caches the result (module docstring)."""
     text = load_text(data, "evaluation")
-    ids = tokenize(tokenizer, text.text, cache_dir)
-    was_training = model.training
-    model.eval()
-    try:
-        out = perplexity(
-            model,
-            ids,
-            seqlen,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            device=device,
-            bos_id=needs_bos(model, tokenizer),
-            progress=progress,
-            blocks_path=blocks_path,
-        )
-    finally:
-        model.train(was_training)
-    return {"data": text.name, "split": text.split, **out}
+    windows = eval_windows(tokenize(tokenizer, text.text, cache_dir), seqlen, max_tokens, needs_bos(model, tokenizer))
+
+    ran = []
+
+    def compute() -> torch.Tensor:
+        ran.append(True)
+        was_training = model.training
+        model.eval()
+        try:
+            return window_nll(model, windows, batch_size, device, progress, blocks_path)
+        finally:
+            model.train(was_training)
+
+    out = {"data": text.name, "split": text.split}
+    if model_key is None:
+        return {**out, **summary(compute(), seqlen)}
+    options = f"{model_key}|batch {batch_size}|{torch.device(device).type}|torch {torch.__version__}"
+    key = fingerprint(windows, extra=options)
+    losses = cached(cache_dir, "perplexity", key, compute)
+    return {**out, **summary(losses, seqlen), **({} if ran else {"cached": True})}

@@ -165,12 +165,15 @@ def evaluate_dense(
     cache_dir: Path,
     progress: bool = True,
     record: RunRecord | None = None,
+    model_key: str | None = None,
 ) -> RunRecord:
-    """Fill ``record.dense`` (perplexity) and ``record.zero_shot["dense"]`` as configured."""
+    """Fill ``record.dense`` (perplexity) and ``record.zero_shot["dense"]`` as configured;
+    ``model_key`` (the dense weights' fingerprint) lets the perplexity come from the cache."""
     record = record if record is not None else RunRecord(config.to_dict())
     t0 = time.perf_counter()
     if config.eval_data:
-        record.dense = evaluate(model, tokenizer, config.eval_data, **_eval_kwargs(config, cache_dir, progress))
+        kwargs = _eval_kwargs(config, cache_dir, progress)
+        record.dense = evaluate(model, tokenizer, config.eval_data, **kwargs, model_key=model_key)
         log.info("dense perplexity %.3f", record.dense["ppl"])
     if config.tasks:
         record.zero_shot["dense"] = _zero_shot_on(model, tokenizer, config, progress)
@@ -223,7 +226,7 @@ def prune_and_evaluate(
         ]
         return record, None
     if dense:
-        evaluate_dense(model, tokenizer, config, cache_dir, progress, record)
+        evaluate_dense(model, tokenizer, config, cache_dir, progress, record, model_key=job.fingerprint)
     t_prune = time.perf_counter()
     result = prune(
         model, tokenizer, config, calib=job.calib, allocation=allocation, cache_dir=cache_dir, progress=progress

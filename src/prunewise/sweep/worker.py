@@ -38,7 +38,9 @@ class SweepWorker:
     def dense_row(self, key: str, progress: bool) -> dict[str, Any]:
         """The dense baseline (perplexity, zero-shot) of the base settings, measured once."""
         t0 = time.perf_counter()
-        dense = evaluate_dense(self.model, self.tokenizer, self.base, self.cache_dir, progress)
+        dense = evaluate_dense(
+            self.model, self.tokenizer, self.base, self.cache_dir, progress, model_key=self.job.fingerprint
+        )
         return {
             "key": key,
             "kind": "dense",
