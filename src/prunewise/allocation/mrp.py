@@ -77,7 +77,8 @@ class _Summary:
     """Sorted scores of one unit as quantile knots: ``rank(t)`` and ``sum of the j lowest``."""
 
     def __init__(self, scores: torch.Tensor, m: float, threshold: str):
-        s = torch.sort(scores.double()).values
+        # numpy's sort (SIMD on x86) is 10x torch's on CPU; a sorted array is the same whatever sorts it
+        s = torch.from_numpy(np.sort(scores.detach().cpu().double().numpy()))
         self.n = s.numel()
         self.m = m
         self.threshold = threshold
