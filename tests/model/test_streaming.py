@@ -298,6 +298,26 @@ def test_gblm_gradient_pass_enters_the_estimate(model_dir, text, tmp_path):
     assert rec.memory["gradient_pass_gb"] == round(whole / 1e9, 3) and rec.memory["mode"] == "memory"
 
 
+def test_gblm_gradient_pass_on_cuda_is_counted_on_the_device(model_dir):
+    """On CUDA the pass runs on the device (only shapes are read: no GPU needed here): a whole
+    backward holds the whole model and every term there, a block-wise one the parts outside the
+    blocks and one block, a streamed one one block and the streamed terms; the host gets the
+    accumulators back on top of the weights it holds."""
+    model, _, _ = load_model(str(model_dir), stream=True)
+    source = make_source(model)
+    acc = gradient_pass(source, 16, "whole")["accumulators"]
+    plain = estimate(model, Workload(4, 16), device="cuda", stream="off", available=1 << 40)
+    total, outside, block = plain.parts["weights"], plain.parts["outside"], plain.parts["block"]
+    for how, resident in (("whole", total), ("blocks", outside + block)):
+        held = sum(gradient_pass(source, 16, how).values())
+        got = estimate(model, Workload(4, 16, gradients=how), device="cuda", stream="off", available=1 << 40)
+        assert got.device == max(plain.device, resident + held), how
+        assert got.host_memory == plain.host_memory + acc and got.host_stream == plain.host_stream
+    streamed = sum(gradient_pass(source, 16, "stream", windows=4, available=1 << 40).values())
+    on = estimate(model, Workload(4, 16, gradients="whole"), device="cuda", stream="on", available=1 << 40)
+    assert on.mode == "stream" and on.device == max(plain.device, outside + block + streamed)
+
+
 def _cgroup_v1(limit: int) -> Path | None:
     """A fresh cgroup v1 memory group with ``limit`` bytes, when this process may make one."""
     root = Path("/sys/fs/cgroup/memory")

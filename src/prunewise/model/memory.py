@@ -125,7 +125,7 @@ class Estimate:
     mode: str  # "memory" | "stream"
     host_memory: int  # host peak if the model is held in memory
     host_stream: int  # host peak if it is streamed
-    device: int | None  # device peak (CUDA), the same in both modes
+    device: int | None  # device peak (CUDA) in the chosen mode
     available: int | None  # what the process may use on the host
     parts: dict[str, int]
 
@@ -264,17 +264,27 @@ def estimate(
         host_memory, host_stream, on_device = PROCESS + total + working, PROCESS + outside + 3 * block + working, None
     if available is None:
         available = host_available()
-    if work.gradients and dev.type == "cpu":  # the gradient pass runs first; its statistics stay for the walk
+    held = streamed = 0
+    if work.gradients:  # the gradient pass runs first; its statistics stay for the walk
         terms = gradient_pass(source, work.seqlen, work.gradients)
         held, acc = sum(terms.values()), terms["accumulators"]  # every prunable weight's float32 statistic
         streamed = sum(gradient_pass(source, work.seqlen, "stream", work.windows, available).values())
         parts["gradient_pass"], parts["gradient_pass_streamed"] = held, streamed
-        host_memory = max(host_memory + acc, PROCESS + total + held)
-        host_stream = max(host_stream, PROCESS + outside + 3 * block + streamed)
+        if dev.type == "cpu":
+            host_memory = max(host_memory + acc, PROCESS + total + held)
+            host_stream = max(host_stream, PROCESS + outside + 3 * block + streamed)
+        else:  # on the device; the accumulators come back to the host, where the model is held
+            host_memory += acc
     if stream == "on":
         mode = "stream"
     elif stream == "off":
         mode = "memory"
     else:
         mode = "stream" if available is not None and host_memory > HEADROOM * available else "memory"
+    if on_device is not None and work.gradients:
+        # in memory a whole backward moves the whole model there, a block-wise one a block at a
+        # time; a streamed pass holds one block's accumulators and the kept inputs there
+        resident = total if work.gradients == "whole" else outside + block
+        pass_peak = resident + held if mode == "memory" else outside + block + streamed
+        on_device = max(on_device, pass_peak)
     return Estimate(mode, host_memory, host_stream, on_device, available, parts)
