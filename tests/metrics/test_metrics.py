@@ -27,6 +27,49 @@ def test_stats_hand_values():
     assert torch.allclose(sg.input_norm(), st.input_norm())  # the Hessian's diagonal gives the same norm
 
 
+@pytest.mark.parametrize("width", [5, 8, 21])  # within one band, exactly one, three with a partial last
+def test_gram_in_bands_is_the_full_product(monkeypatch, width):
+    from prunewise.prune import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "GRAM_BAND", 8)
+    x = torch.randn(3, 7, width)  # statistics are float32
+    st = stats_from(x, gram=True)
+    xs = x.reshape(-1, width)
+    full = xs.t() @ xs
+    band = torch.arange(width) // 8
+    lower_blocks = band.unsqueeze(1) > band.unsqueeze(0)
+    assert torch.equal(st.gram[lower_blocks], torch.zeros(int(lower_blocks.sum())))
+    assert torch.allclose(st.gram[~lower_blocks], full[~lower_blocks], rtol=1e-5, atol=1e-5)
+    gram = st.gram.clone()
+    h = st.hessian()
+    assert torch.equal(h, h.t())  # mirrored exactly
+    assert torch.allclose(h, 2.0 / 3 * full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(st.gram, gram)  # hessian() returns a fresh tensor
+
+
+@pytest.mark.parametrize("n", [1, 6, 13, 40])
+def test_inverse_cholesky_is_the_reference_factor(n):
+    # The reference: cholesky, cholesky_inverse, then the upper Cholesky factor of H^-1.
+    x = torch.randn(3 * n, n, dtype=torch.float64) * torch.rand(n, dtype=torch.float64)
+    h = x.t() @ x
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    before = h.clone()
+    u = sparsegpt.inverse_cholesky(h, 0.01)
+    assert torch.equal(h, before)  # the caller's Hessian is left as it was
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u, expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(u.t() @ u @ damped, torch.eye(n, dtype=torch.float64), atol=1e-9)
+
+
+def test_upper_triangular_inverse_by_halves():
+    r = torch.randn(13, 13, dtype=torch.float64).triu()
+    r.diagonal().copy_(torch.rand(13, dtype=torch.float64) + 0.5)
+    inv = sparsegpt.upper_triangular_inverse(r, leaf=2)  # four levels of halves
+    assert torch.equal(inv, inv.triu())
+    assert torch.allclose(inv @ r, torch.eye(13, dtype=torch.float64), atol=1e-10)
+
+
 def test_wanda_disagrees_with_magnitude_by_hand():
     w = torch.tensor([[1.0, 2.0], [3.0, -1.5]])
     x = torch.tensor([[[10.0, 1.0]]])  # first input is 10x larger
