@@ -76,6 +76,11 @@ def _setup(args, load: bool = True):
     return pw, model, src, calib, test_ids
 
 
+def _protocol(args) -> dict:
+    """The fields every row carries: which model, how many calibration windows, evaluation tokens."""
+    return {"model": args.model, "nsamples": args.nsamples, "eval_tokens": args.eval_tokens}
+
+
 def _ppl(pw, model, test_ids, args) -> float:
     return pw.perplexity(model, test_ids, SEQLEN, max_tokens=args.eval_tokens, batch_size=4, progress=False)["ppl"]
 
@@ -100,9 +105,7 @@ def run_ours(args, metric: str, sparsity: float | None, pattern: str, mode: str)
     ppl = _ppl(pw, model, test_ids, args)
     return {
         "tool": "prunewise",
-        "model": args.model,
-        "nsamples": args.nsamples,
-        "eval_tokens": args.eval_tokens,
+        **_protocol(args),
         "metric": metric,
         "pattern": pattern,
         "sparsity": cfg.target,
@@ -129,9 +132,7 @@ def run_dense_pass(args) -> dict:
     ppl = _ppl(pw, model, test_ids, args)
     return {
         "tool": "prunewise",
-        "model": args.model,
-        "nsamples": args.nsamples,
-        "eval_tokens": args.eval_tokens,
+        **_protocol(args),
         "metric": "dense-pass",
         "wall_s": round(wall, 2),
         "ppl": round(ppl, 3),
@@ -178,9 +179,7 @@ def run_peer(args, method: str, sparsity: float, structure: str) -> dict:
     pattern = "2:4" if structure == "2:4" else "unstructured"
     return {
         "tool": "llm-compressor 0.14.0.1",
-        "model": args.model,
-        "nsamples": args.nsamples,
-        "eval_tokens": args.eval_tokens,
+        **_protocol(args),
         "metric": method,
         "pattern": pattern,
         "sparsity": sparsity,
