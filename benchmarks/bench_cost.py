@@ -14,8 +14,8 @@ evaluation. Every job is a fresh child process, so its peak RSS is its own:
 - ``prune:METRIC:STREAM``: ``prunewise prune`` (through ``bench_stream.prune_once``), with the
   run record's own timings (GBLM's gradient pass apart) and memory estimate.
 
-Rows are appended to ``--out`` as they finish; jobs already there are skipped (the 1.5B jobs take
-hours on 2 cores: resume across sessions). Time it alone on the machine.
+Rows are appended to ``--out`` as they finish; jobs already there are skipped (the 1.5B jobs took
+54 minutes on 2 cores on 2026-12-07: resume across sessions). Time it alone on the machine.
 
     python benchmarks/bench_cost.py --out benchmarks/results/cost.jsonl
     python benchmarks/bench_cost.py --models smollm2-135m --jobs floor:off,prune:wanda:off
@@ -120,7 +120,7 @@ def summary(path: Path) -> None:
             fb = by.get((model, "fwdbwd"), {}).get("wall_s")
             if grad and fb:
                 print(f"| {model} | {job} gradient pass | {grad:.1f} | {grad / fb:.2f} x fwd+bwd | | | |")
-            wall = wall - (grad or 0)
+            wall = round(wall - (grad or 0), 2)
         xf = f"{wall / floor:.2f}" if floor and wall and job.startswith("prune") else ""
         est = r.get("estimated_host_gb")
         ratio = f"{r['peak_rss_gb'] / est:.2f}" if est else ""
