@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunewise.allocation import alphapruning, uniform
-from prunewise.allocation.esd import alpha_hill, candidates_for, eigenvalues
+from prunewise.allocation import alphapruning, esd, uniform
+from prunewise.allocation.esd import alpha_hill, candidates_for, eigenvalues, hill_fit
 from prunewise.allocation.profile import (
     LayerInfo,
     Profile,
@@ -73,6 +73,68 @@ def test_peak_candidates_window_and_quirk():
 def test_eigenvalues_are_squared_singular_values():
     w = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
     assert torch.allclose(eigenvalues(w), torch.tensor([4.0, 9.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40), (64, 64)])
+def test_gram_eigenvalues_equal_float64_svd(shape):
+    """From the Gram of the smaller side: min(rows, cols) values, ascending, equal to a float64 SVD's
+    squares (heavy-tailed spectrum: singular values spread over three decades)."""
+    g = torch.Generator().manual_seed(4)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(-3, 0, k, dtype=torch.float64)
+    w = (u * sigma) @ v.T
+    lam = eigenvalues(w)
+    assert lam.shape == (k,)
+    assert torch.all(lam[1:] >= lam[:-1])
+    ref = torch.sort(torch.linalg.svdvals(w).square()).values
+    assert torch.allclose(lam, ref, rtol=1e-9, atol=0)
+    assert alpha_hill(lam, "full") == pytest.approx(alpha_hill(ref, "full"), rel=1e-9)
+
+
+def test_eigenvalues_of_rank_deficient_matrix_are_zero_below_resolution():
+    """A rank-2 matrix: the Gram's other eigenvalues are rounding noise and come back as exact zeros,
+    which the fit then drops."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g, dtype=torch.float64)
+    lam = eigenvalues(w)
+    assert lam.shape == (12,)
+    assert torch.count_nonzero(lam) == 2
+    assert torch.allclose(lam[-2:], torch.sort(torch.linalg.svdvals(w)[:2].square()).values, rtol=1e-12)
+
+
+def loop_hill_fit(lam, candidates):
+    """The fit one candidate at a time, written out from the formulas in the module docstring."""
+    best = (0.0, 1.0, int(candidates[0]))
+    logs = lam.log()
+    for i in candidates.tolist():
+        n = lam.numel() - i
+        denom = logs[i:].sum().item() - n * logs[i].item()
+        if n < 2 or denom <= 0 or 1.0 + n / denom <= 1.0:
+            continue
+        alpha = 1.0 + n / denom
+        d = max(abs(1.0 - (lam[i + k].item() / lam[i].item()) ** (1.0 - alpha) - k / n) for k in range(n))
+        if d < best[1]:
+            best = (alpha, d, i)
+    return best
+
+
+@pytest.mark.parametrize("chunk", [esd.CHUNK_ELEMENTS, 300, 1])
+def test_vectorised_hill_fit_picks_the_loops_cut(monkeypatch, chunk):
+    """Every candidate at once, in chunks of any size (1: one candidate per chunk): the cut, exponent
+    and distance of the one-candidate-at-a-time fit."""
+    monkeypatch.setattr(esd, "CHUNK_ELEMENTS", chunk)
+    u = torch.rand(150, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    lam = torch.sort((1 - u) ** (-1 / 2.5)).values
+    for cands in (torch.arange(0, 149), candidates_for(lam, "xmin_peak"), torch.tensor([75])):
+        alpha, d, i = hill_fit(lam, cands)
+        ref = loop_hill_fit(lam, cands)
+        assert i == ref[2]
+        assert alpha == pytest.approx(ref[0], rel=1e-12)
+        assert d == pytest.approx(ref[1], rel=1e-9)
+    # no admissible candidate (a tail of one eigenvalue): the documented fallback
+    assert hill_fit(lam, torch.tensor([149])) == (0.0, 1.0, 149)
 
 
 def alpha_profile(alphas_per_block, sizes=(6, 12)):

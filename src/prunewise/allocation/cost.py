@@ -5,7 +5,7 @@ A dry run prints this before any calibration pass (``prunewise prune --dry-run``
 default OWL dry run does not start a pass of 128 x 2048 tokens through every block unannounced.
 The figures are estimates, not promises: one calibration sample is timed through block 0
 (the fastest of two runs, after capturing its inputs), and each pass is that time x samples x
-blocks; a backward pass counts as two forwards; an SVD is timed on a 256 x 256 float64 matrix
+blocks; a backward pass counts as two forwards; a spectrum is timed on a 256 x 512 float64 matrix
 and scaled by ``m n min(m, n)``. Statistics declare their cost in :data:`STATISTICS` (``cost=``)
 and drivers theirs in the allocator registry (``driver_cost=``), next to their definitions;
 :func:`prunewise.allocation.planner.preview` gathers them.
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..model.blocks import run_block
+from .esd import eigenvalues
 
 # ``ctx`` below is a :class:`prunewise.allocation.statistics.StatContext`; that module declares each
 # statistic's cost with the helpers here, so this one does not import it back.
@@ -69,15 +70,15 @@ class Rates:
         return min(times)
 
     @cached_property
-    def svd_flop_s(self) -> float:
-        """Seconds per ``m n min(m, n)`` of a float64 SVD."""
-        a = torch.randn(256, 256, dtype=torch.float64)
+    def spectrum_flop_s(self) -> float:
+        """Seconds per ``m n min(m, n)`` of one matrix's eigenvalues (:func:`esd.eigenvalues`)."""
+        a = torch.randn(256, 512, dtype=torch.float64)
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            torch.linalg.svdvals(a)
+            eigenvalues(a)
             times.append(time.perf_counter() - t0)
-        return min(times) / 256**3
+        return min(times) / (256 * 512 * 256)
 
     def passes(self, samples: int, factor: float = 1.0) -> float:
         """Seconds for ``samples`` calibration samples through every block, ``factor`` forwards each."""

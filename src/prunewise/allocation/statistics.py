@@ -4,7 +4,7 @@ A provider is registered by need name in :data:`STATISTICS` and is
 ``provide(ctx: StatContext) -> {linear name: value}``. Expensive ones are cached on disk by content
 (:mod:`prunewise.storage.cache`), never by a path:
 
-- ``eigenvalues``: ascending eigenvalues of ``W^T W`` per matrix (float64 SVD; AlphaPruning),
+- ``eigenvalues``: ascending eigenvalues of ``W^T W`` per matrix (float64 Gram, `eigvalsh`; AlphaPruning),
   cached under ``spectra/<sha256 of the weight>``;
 - ``weights``: the model's own weight tensors ``[C_out, C_in]`` (read only; OWL, MRP), not cached;
 - ``dense_input_norm``: Wanda's ``a_j`` per layer from a *dense* pass, dense propagation (OWL, MRP),
@@ -127,14 +127,14 @@ def _spectra_cost(ctx: StatContext, rates: Rates) -> Work:
             todo.append(x.shape)
     flops = sum(s[0] * s[1] * min(s) for s in todo)
     return Work(
-        f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 SVD, {len(todo)} not cached)",
-        flops * rates.svd_flop_s if todo else None,
+        f"eigenvalues of {len(ctx.profile.layers)} weight matrices (float64 eigvalsh, {len(todo)} not cached)",
+        flops * rates.spectrum_flop_s if todo else None,
     )
 
 
 @STATISTICS.register(
     "eigenvalues",
-    summary="ascending eigenvalues of W^T W per matrix (float64 SVD), cached by weight",
+    summary="ascending eigenvalues of W^T W per matrix (float64 eigvalsh of the Gram), cached by weight",
     cost=_spectra_cost,
 )
 def eigenvalues(ctx: StatContext) -> dict[str, torch.Tensor]:

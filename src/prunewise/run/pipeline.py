@@ -98,7 +98,7 @@ def preview(
     calib: torch.Tensor | None = None,
     model_key: str | None = None,
 ) -> list[Work]:
-    """The heavy steps :func:`plan` would take for ``config`` (calibration passes, SVDs, trial
+    """The heavy steps :func:`plan` would take for ``config`` (calibration passes, spectra, trial
     prunings), each with a rough duration or marked cached; computes nothing but two timings."""
     ctx = stat_context(model, config, resolve_cache_dir(cache_dir), calib, False, model_key=model_key)
     name, params = config.allocator_spec
