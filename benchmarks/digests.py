@@ -17,6 +17,7 @@ from prunewise import PruneConfig, run
 RUNS = [
     ("wanda", "owl", 0.7, "unstructured"),
     ("sparsegpt", "uniform", None, "2:4"),
+    ("sparsegpt", "uniform", 0.7, "unstructured"),
     ("magnitude", "alphapruning", 0.7, "unstructured"),
     ("gblm", "atp:beta=0.01", 0.6, "unstructured"),
     ("wanda", "mrp", 0.7, "unstructured"),

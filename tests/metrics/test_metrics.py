@@ -62,6 +62,36 @@ def test_inverse_cholesky_is_the_reference_factor(n):
     assert torch.allclose(u.t() @ u @ damped, torch.eye(n, dtype=torch.float64), atol=1e-9)
 
 
+@pytest.mark.parametrize("width", [5, 21])
+def test_factor_from_the_reversed_gram_is_the_mirrored_hessians(monkeypatch, width):
+    """SparseGPT factors ``J H J`` built straight from the banded Gram matrix (lower blocks zero, so
+    half of the reversed matrix's upper triangle is unfilled): the Cholesky factorisation reads only
+    the lower triangle, so the factor is the one of the mirrored Hessian bit for bit."""
+    from prunewise.prune import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "GRAM_BAND", 8)
+    st = stats_from(torch.randn(3, 7, width) * torch.rand(width), gram=True)
+    h = st.hessian()
+    rev = st.reversed_hessian()
+    lower = torch.ones(width, width, dtype=torch.bool).tril()
+    assert torch.equal(rev[lower], h.flip(0, 1)[lower])
+    if width > 8:
+        assert not torch.equal(rev, h.flip(0, 1))  # unmirrored: the upper triangle is not filled
+    holder = [rev]
+    u = sparsegpt.reversed_factor(holder, 0.01)
+    assert holder == []  # taken, so that it can be freed once factored
+    # the path it replaced: damping from H's (strided) diagonal, J H J mirrored in full
+    f = h.flip(0, 1)
+    f.diagonal().add_(0.01 * torch.diagonal(h).mean().item())
+    assert torch.equal(u, sparsegpt.upper_triangular_inverse(torch.linalg.cholesky(f).flip(0, 1)))
+
+
+@pytest.mark.parametrize("n", [5, 577, 2049])
+def test_damping_mean_is_summed_as_hs_diagonal(n):
+    h = torch.rand(n, n, generator=torch.Generator().manual_seed(n)) * 100
+    assert sparsegpt._diagonal_mean(h.flip(0, 1)) == torch.diagonal(h).mean().item()
+
+
 def test_upper_triangular_inverse_by_halves():
     r = torch.randn(13, 13, dtype=torch.float64).triu()
     r.diagonal().copy_(torch.rand(13, dtype=torch.float64) + 0.5)

@@ -25,7 +25,9 @@ Deviations from reference:
   times) with a warning; the reference crashes;
 - ``U`` comes from one Cholesky factorisation of ``H`` in reversed order and one triangular
   inverse instead of the reference's ``cholesky`` → ``cholesky_inverse`` → ``cholesky``: the same
-  factor mathematically, equal within float32 rounding, half the arithmetic;
+  factor mathematically, equal within float32 rounding, half the arithmetic; the reversed
+  ``H`` is built straight from the Gram matrix's upper triangle and freed once factored, so the
+  factor's working set is about two ``C_in x C_in`` matrices beyond the Gram, not four;
 - for N:M with an ``M`` that does not divide ``blocksize``, the block size is rounded down to a
   multiple of ``M`` so no group straddles two blocks.
 """
@@ -36,6 +38,7 @@ import logging
 
 import torch
 
+from ..model.malloc import returning_freed_memory
 from ..prune.masks import Pattern, lowest_in_matrix, spread_counts, target_count
 from ..prune.stats import LayerStats
 from ..registry import METRICS, Range
@@ -52,10 +55,21 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
     ``H^-1 = R^-T R^-1`` and, the factor being unique, ``U = R^-1``. One factorisation and one
     triangular inverse, where the reference's ``cholesky``, ``cholesky_inverse`` and a second
     ``cholesky`` cost twice the arithmetic (0.71× the time on a 8,960-wide Hessian here); the
-    factor equals the reference's within float32 rounding (1.8e-6 of its largest entry there)."""
-    mean_diag = torch.diagonal(h).mean().item()
+    factor equals the reference's within float32 rounding (1.8e-6 of its largest entry there).
+    ``h`` is left as it was."""
+    return reversed_factor([h.flip(0, 1)], percdamp, retries)
+
+
+def reversed_factor(holder: list[torch.Tensor], percdamp: float, retries: int = 6) -> torch.Tensor:
+    """:func:`inverse_cholesky` from ``J H J``, of which only the lower triangle is read
+    (:meth:`LayerStats.reversed_hessian`). The matrix is taken out of the one-element list
+    ``holder`` and damped in place, so that it is freed as soon as it is factored: beyond the Gram
+    matrix the statistics keep, at most two matrices of ``H``'s size and three quarters of a third
+    are alive at once, where keeping ``H`` while a copy is factored and inverted held four and
+    more (on a 28,672-wide ``down_proj`` each is 3.3 GB in float32)."""
+    flipped = holder.pop()
+    mean_diag = _diagonal_mean(flipped)
     damp = percdamp * mean_diag
-    flipped = h.flip(0, 1)  # a copy: ``h`` is left as it was
     added = 0.0
     for attempt in range(retries + 1):
         flipped.diagonal().add_(damp - added)
@@ -63,12 +77,25 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> torc
         low, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
             del flipped
-            return upper_triangular_inverse(low.flip(0, 1))
+            r = low.flip(0, 1)
+            del low
+            return upper_triangular_inverse(r)
+        del low
         if attempt < retries:
             new = damp * 10 if damp > 0 else 1e-6 * max(mean_diag, 1.0)
             log.warning("SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g", damp, new)
             damp = new
     raise RuntimeError(f"SparseGPT: Cholesky factorisation failed even with damping {damp:.3g}")
+
+
+def _diagonal_mean(flipped: torch.Tensor) -> float:
+    """The mean of ``H``'s diagonal from ``J H J``, summed bit for bit as ``torch.diagonal(H).mean()``:
+    over a strided view in ``H``'s order (a contiguous copy is summed in another order, and the
+    damping's last bit would move every mask after it)."""
+    d = torch.diagonal(flipped).flip(0)
+    spaced = torch.empty(2 * d.numel(), dtype=d.dtype, device=d.device)
+    spaced[::2] = d
+    return spaced[::2].mean().item()
 
 
 def upper_triangular_inverse(r: torch.Tensor, leaf: int = 512) -> torch.Tensor:
@@ -84,7 +111,7 @@ def upper_triangular_inverse(r: torch.Tensor, leaf: int = 512) -> torch.Tensor:
     c_inv = upper_triangular_inverse(r[k:, k:], leaf)
     out[:k, :k] = a_inv
     out[k:, k:] = c_inv
-    out[:k, k:] = torch.mm(a_inv, r[:k, k:]).neg_() @ c_inv
+    out[:k, k:] = torch.mm(a_inv, r[:k, k:]).neg_() @ c_inv  # contiguous halves: the strided views round differently
     return out
 
 
@@ -111,12 +138,14 @@ def solve(
     METRICS.get("sparsegpt").check({"blocksize": blocksize, "percdamp": percdamp})
     w = weight.detach().float().clone()
     rows, cols = w.shape
-    h = stats.hessian().to(w.device)
+    h = stats.reversed_hessian().to(w.device)  # J H J: inputs in reversed order
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    u = inverse_cholesky(h, percdamp)
-    del h
+    w[:, dead.flip(0)] = 0.0
+    holder = [h]
+    del h  # the factor frees it as soon as it is factored
+    with returning_freed_memory():  # its C_in x C_in matrices would fragment a kept heap (streamed runs)
+        u = reversed_factor(holder, percdamp)
 
     if pattern.is_nm:
         n, m = pattern.n, pattern.m

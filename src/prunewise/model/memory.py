@@ -14,7 +14,9 @@ against measured peaks):
   (``2 * n * seqlen * hidden * elt``), or of every evaluation window when that is larger;
 - ``S`` one block's statistics: SparseGPT's Hessians (``4 * C_in^2`` per layer), Wanda's norms;
 - ``T`` one batch's temporaries inside a block (attention, the MLP's intermediate), three chunks
-  of logits, and 48 bytes per weight of the largest layer while its mask is chosen (measured);
+  of logits, and 48 bytes per weight of the largest layer while its mask is chosen (measured) or,
+  when Hessians are collected and it is larger, SparseGPT's factor of the widest one
+  (:data:`FACTOR_MATRICES` ``x 4 C_in^2``);
 - ``R`` the process itself (Python, torch, transformers' model code, a tokenizer: about 0.5 GB).
 
 In memory the host holds ``R + W + A + S + T``; streamed, ``R + O + 3B + A + S + T`` (the block
@@ -46,6 +48,11 @@ PROCESS = int(0.5e9)  # R: the interpreter with torch, transformers' model code 
 # per weight of the largest layer while its mask is chosen: float32 scores and their copies, the
 # k-th value search, int64 tie counts (48: measured, benchmarks/RESULTS.md "Streaming")
 MASK_BYTES = 48
+# float32 C_in x C_in matrices alive while SparseGPT factors a layer's Hessian, beyond the Gram matrix
+# the statistics hold: the reversed Hessian and its Cholesky factor, then the factor's reversed copy,
+# the inverse and the halves' products (2.53 measured alone, 2.72 with the layer's weight copies;
+# benchmarks/RESULTS.md "SparseGPT's factor in less memory")
+FACTOR_MATRICES = 2.75
 HEADROOM = 0.9  # stream when the in-memory estimate exceeds this share of what the process may use
 LOGIT_BYTES = 1 << 25  # float32 logits alive at once (32 MB): never a whole window of a large vocabulary
 
@@ -243,10 +250,13 @@ def estimate(
     stats = sum(4 * s[1] ** 2 if work.hessians else 8 * s[1] for s in shapes)
     longest = max(work.seqlen, work.eval_seqlen)
     largest = max(s[0] * s[1] for s in shapes)
+    choose = MASK_BYTES * largest
+    if work.hessians:  # SparseGPT's factor of the widest input's Hessian, at another moment than a mask
+        choose = max(choose, FACTOR_MATRICES * 4 * max(s[1] for s in shapes) ** 2)
     temps = (
         work.batch_size * longest * (4 * shape.heads * longest + 3 * shape.intermediate * elt + 4 * shape.hidden * elt)
         + 3 * LOGIT_BYTES
-        + MASK_BYTES * largest
+        + choose
     )
     working = acts + stats + temps
     dev = torch.device(device)

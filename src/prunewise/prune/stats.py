@@ -69,6 +69,15 @@ class LayerStats:
             h[a:b, :a] = h[:a, a:b].t()
         return h
 
+    def reversed_hessian(self) -> torch.Tensor:
+        """``J H J`` (``J`` reverses the order of the inputs) as a fresh tensor, of which only the
+        lower triangle is filled: what a Cholesky factorisation of ``H`` in reversed order reads
+        (the upper triangle, unread, may hold zeros). Entry for entry the values of
+        :meth:`hessian`, without its mirrored copy."""
+        if self.gram is None:
+            raise RuntimeError("the Hessian was not collected for this layer")
+        return self.gram.flip(0, 1).mul_(2.0 / max(self.nsamples, 1))
+
     def merge(self, other: LayerStats) -> LayerStats:
         """Add the sums of ``other`` (the same layer's statistics over another shard of the
         calibration set) into this one; returns ``self``."""
