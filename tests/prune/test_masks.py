@@ -156,6 +156,21 @@ def test_selection_equals_stable_sort(rows, cols, levels, seed, data):
     assert torch.equal(lowest_in_matrix(scores, k), flat.view(rows, cols))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_with_and_without_ties_at_the_cut(ties):
+    """Distinct scores take the short path (every tie at the cut is the k-th value itself); a row
+    with more equal scores at the cut than it needs takes the tie-break by position. Both give the
+    stable sort's set."""
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randperm(64 * 50, generator=g).float().view(64, 50)
+    if ties:
+        scores[3, 10:40] = -1.0  # 30 equal lowest values in row 3: more than k = 1 or 17 needs
+    for k in (1, 17, 49):  # k = 49 in row 3: all 30 ties and 19 more
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        expect = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        assert torch.equal(lowest_per_row(scores, torch.full((64,), k)), expect)
+
+
 def test_nan_scores_keep_exact_counts_and_go_first():
     """Issue 22 case 3: a NaN score compares with nothing; selection still removes exactly the
     target count, NaN positions first."""

@@ -113,6 +113,8 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     below = scores < kth
     tie = scores == kth
     need = k - below.sum(1, keepdim=True)
+    if torch.equal(tie.sum(1, keepdim=True), need):  # every tie is needed (distinct scores: the k-th alone)
+        return below.logical_or_(tie)
     return below | (tie & (tie.cumsum(1) <= need))
 
 
