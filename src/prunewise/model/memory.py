@@ -50,9 +50,9 @@ PROCESS = int(0.5e9)  # R: the interpreter with torch, transformers' model code 
 MASK_BYTES = 48
 # float32 C_in x C_in matrices alive while SparseGPT factors a layer's Hessian, beyond the Gram matrix
 # the statistics hold: the reversed Hessian and its Cholesky factor, then the factor's reversed copy,
-# the inverse and the halves' products (2.53 measured alone, 2.72 with the layer's weight copies;
-# benchmarks/RESULTS.md "SparseGPT's factor in less memory")
-FACTOR_MATRICES = 2.75
+# the inverse and the halves' products (2.5 by count; 3.27 measured in `solve`, mmap-ed pages included:
+# benchmarks/bench_factor.py, benchmarks/RESULTS.md "SparseGPT's factor in less memory")
+FACTOR_MATRICES = 3.25
 HEADROOM = 0.9  # stream when the in-memory estimate exceeds this share of what the process may use
 LOGIT_BYTES = 1 << 25  # float32 logits alive at once (32 MB): never a whole window of a large vocabulary
 
