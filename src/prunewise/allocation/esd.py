@@ -69,8 +69,9 @@ def hill_fit(lam: torch.Tensor, candidates: torch.Tensor) -> tuple[float, float,
     best = (0.0, 1.0, int(candidates[0]) if candidates.numel() else 0)
     idx = candidates.to(torch.long).flatten()
     n = n_all - idx
-    alpha = 1.0 + n / (tail_sums[idx] - n * logs[idx])
-    ok = (n >= 2) & (tail_sums[idx] - n * logs[idx] > 0) & (alpha > 1.0)
+    denom = tail_sums[idx] - n * logs[idx]
+    alpha = 1.0 + n / denom
+    ok = (n >= 2) & (denom > 0) & (alpha > 1.0)
     idx, n, alpha = idx[ok], n[ok], alpha[ok]
     cols = torch.arange(n_all)
     step = max(1, CHUNK_ELEMENTS // max(n_all, 1))

@@ -27,7 +27,8 @@ Deviations from reference:
   inverse instead of the reference's ``cholesky`` → ``cholesky_inverse`` → ``cholesky``: the same
   factor mathematically, equal within float32 rounding, half the arithmetic; the reversed
   ``H`` is built straight from the Gram matrix's upper triangle and freed once factored, so the
-  factor's working set is about two ``C_in x C_in`` matrices beyond the Gram, not four;
+  factor's working set is 3.3 ``C_in x C_in`` matrices beyond the Gram, not 5.5 (measured,
+  ``benchmarks/bench_factor.py``);
 - for N:M with an ``M`` that does not divide ``blocksize``, the block size is rounded down to a
   multiple of ``M`` so no group straddles two blocks.
 """
@@ -64,9 +65,9 @@ def reversed_factor(holder: list[torch.Tensor], percdamp: float, retries: int = 
     """:func:`inverse_cholesky` from ``J H J``, of which only the lower triangle is read
     (:meth:`LayerStats.reversed_hessian`). The matrix is taken out of the one-element list
     ``holder`` and damped in place, so that it is freed as soon as it is factored: beyond the Gram
-    matrix the statistics keep, at most two matrices of ``H``'s size and three quarters of a third
-    are alive at once, where keeping ``H`` while a copy is factored and inverted held four and
-    more (on a 28,672-wide ``down_proj`` each is 3.3 GB in float32)."""
+    matrix the statistics keep, about two and a half matrices of ``H``'s size are alive at once
+    (3.3 measured in :func:`solve`), where keeping ``H`` while a copy was factored and inverted held
+    5.5 (on a 28,672-wide ``down_proj`` each is 3.3 GB in float32)."""
     flipped = holder.pop()
     mean_diag = _diagonal_mean(flipped)
     damp = percdamp * mean_diag

@@ -60,9 +60,7 @@ class LayerStats:
 
     def hessian(self) -> torch.Tensor:
         """SparseGPT's ``H = (2 / N_seq) sum_n X_n X_n^T`` (a fresh tensor the caller may modify)."""
-        if self.gram is None:
-            raise RuntimeError("the Hessian was not collected for this layer")
-        h = self.gram * (2.0 / max(self.nsamples, 1))
+        h = self._gram() * (2.0 / max(self.nsamples, 1))
         c = h.shape[0]
         for a in range(GRAM_BAND, c, GRAM_BAND):  # the lower blocks from the upper ones
             b = min(a + GRAM_BAND, c)
@@ -74,9 +72,12 @@ class LayerStats:
         lower triangle is filled: what a Cholesky factorisation of ``H`` in reversed order reads
         (the upper triangle, unread, may hold zeros). Entry for entry the values of
         :meth:`hessian`, without its mirrored copy."""
+        return self._gram().flip(0, 1).mul_(2.0 / max(self.nsamples, 1))
+
+    def _gram(self) -> torch.Tensor:
         if self.gram is None:
             raise RuntimeError("the Hessian was not collected for this layer")
-        return self.gram.flip(0, 1).mul_(2.0 / max(self.nsamples, 1))
+        return self.gram
 
     def merge(self, other: LayerStats) -> LayerStats:
         """Add the sums of ``other`` (the same layer's statistics over another shard of the
