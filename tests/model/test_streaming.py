@@ -83,7 +83,6 @@ def test_skeleton_reads_the_same_model(model_dir, tokenizer):
     assert model_fingerprint(streamed) == model_fingerprint(whole)
 
 
-
 def test_each_streamed_block_gives_its_freed_heap_back(model_dir, monkeypatch):
     """After every block's step the free heap is released (fragments of freed block weights and
     temporaries stayed resident otherwise: +0.4-0.7 GB over Qwen2.5-Coder 0.5B's 24 blocks), and
@@ -100,6 +99,8 @@ def test_each_streamed_block_gives_its_freed_heap_back(model_dir, monkeypatch):
     ids = torch.randint(0, streamed.config.vocab_size, (2, 16))
     replay(streamed, ids)
     assert seen == [True] * (len(blocks) + 1)  # capture reads block 0 once to probe its output type
+
+
 def _cfg(model_dir: Path, text: Path, metric: str, allocator: str, stream: str, **kw) -> PruneConfig:
     return run_config(model_dir, text, metric=metric, allocator=allocator, sparsity=0.5, stream=stream, **kw)
 
