@@ -63,7 +63,7 @@ def test_texts_are_tokenized_before_the_weights_load_and_give_their_heap_back(
     """A fast tokenizer holds ~600 bytes per token for a moment: both texts are tokenized while only
     the streamed skeleton is loaded, and the free heap is released after each, so that moment
     neither adds to the weights' peak nor stays resident (the README demo's first run peaked at
-    1.92 GB against an estimate of 1.22 before)."""
+    1.85 GB against an estimate of 1.28 before, 1.32 after)."""
     import prunewise as pw
     from helpers import run_config
 
