@@ -51,7 +51,7 @@ def test_speed_of_a_2_4_run_three_ways(tokenizer, text_file, tmp_path, capsys):
     assert (z["packed_layers"], z["packed_layers_dense"]) == (packed, dense_layers)
     assert z["sparse"] == z["dense"] - dense_layers + packed
     assert z["decode_read_dense"] - z["decode_read_sparse"] == dense_layers - packed
-    assert report["notes"] == [] and report["kernel_isa"] in ("avx512+bf16", "avx512", "scalar")
+    assert report["notes"] == [] and report["kernel_isa"] in ("avx512+bf16", "avx512", "avx2", "scalar")
     assert "vs source" in printed and "decode can be at most" in printed
     plain = _speed(run, tmp_path / "plain.json", "--no-kernel")
     assert {r["model"] for r in plain["decode"]} == {"dense source", "pruned, dense"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 
 import pytest
 import torch
@@ -118,6 +119,18 @@ def test_without_the_kernel_layers_run_dense_and_say_so_once(monkeypatch, caplog
         sl(x)
     assert kernel.isa() == "none"
     assert sum("sparse kernel unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_scalar_only_build_is_said_once_and_not_fast(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(kernel, "_EXT", [])
+    monkeypatch.setenv("PRUNEWISE_SPARSE_KERNEL", "1")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: types.SimpleNamespace(isa=lambda: "scalar"))
+    with caplog.at_level(logging.WARNING, logger="prunewise.sparse.kernel"):
+        assert kernel.isa() == "scalar"
+        assert not kernel.fast()
+    assert sum("only its scalar loop runs" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_checkpoint_round_trips_and_cuts_shards(tmp_path):

@@ -52,6 +52,22 @@ def test_sparse_run_loads_back_bit_for_bit_and_runs_on_the_kernel(arch, tmp_path
         assert torch.allclose(model(input_ids=ids[:1, :1]).logits, ref[:1, :1], rtol=1e-4, atol=1e-4)
 
 
+def test_load_unpacks_where_the_kernel_has_no_vector_path(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    prune(src, tmp_path / "sparse", "--format", "sparse")
+
+    def count(model):
+        return sum(isinstance(m, SparseLinear) for m in model.modules())
+
+    n = len(list(BlockSource(pw.load(tmp_path / "sparse", kernel=False)[0]).all_linears()))
+    assert count(pw.load(tmp_path / "sparse")[0]) == (n if kernel.fast() else 0)
+    monkeypatch.setattr(kernel, "fast", lambda: False)  # a scalar-only build, or none: packed layers would be slower
+    assert count(pw.load(tmp_path / "sparse")[0]) == 0
+    assert count(pw.load(tmp_path / "sparse", kernel=True)[0]) == n  # asked for: packed regardless
+
+
 def test_a_streamed_run_writes_the_same_sparse_checkpoint(tmp_path):
     src = sharded_checkpoint(tmp_path / "sh4", tied=True)
     prune(src, tmp_path / "mem", "--format", "sparse", "--stream", "off")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunewiseError
+from ..sparse import kernel as sparse_kernel
 from ..sparse.checkpoint import Packed, is_sparse, read_sparse
 from ..sparse.kernel import SparseLinear
 from ..storage.cache import default_cache_dir
@@ -247,13 +248,18 @@ def _tokenizer(folder: Path, trust: bool = False):
         raise PrunewiseError(f"model: {folder} has no usable tokenizer: {describe_error(exc)}") from None
 
 
-def load(path: str | Path, *, kernel: bool = True, dtype: str = "auto", trust_remote_code: bool = False):
+def load(path: str | Path, *, kernel: bool | None = None, dtype: str = "auto", trust_remote_code: bool = False):
     """``(model, tokenizer)`` of a saved run or model folder (``prunewise.load``). A compressed sparse
     checkpoint (``--format sparse``) loads with its packed ``nn.Linear`` layers as
     :class:`~prunewise.sparse.kernel.SparseLinear` on the sparse CPU kernel, or unpacked to dense
-    with ``kernel=False``; anything else loads as :func:`load_model` loads it."""
+    with ``kernel=False``. The default, ``None``, uses the kernel where it has a vector path on this
+    CPU (:func:`~prunewise.sparse.kernel.fast`) and unpacks elsewhere, where packed layers would be
+    slower than dense ones (the kernel's log says so once); ``True`` keeps them packed regardless.
+    Anything else loads as :func:`load_model` loads it."""
     folder = Path(path).expanduser()
     if folder.is_dir() and is_sparse(folder):
+        if kernel is None:
+            kernel = sparse_kernel.fast()
         model = load_sparse(
             folder, kernel=kernel, dtype=TORCH_DTYPES.get(dtype, "auto"), trust_remote_code=trust_remote_code
         )

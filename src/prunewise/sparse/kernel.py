@@ -4,10 +4,14 @@ The kernel (``csrc/bitmask.cpp``) is a C++ extension compiled on first use with
 ``torch.utils.cpp_extension`` (g++ and the ``ninja`` package; about a minute, once per machine and
 source version: the build lives in the prunewise cache under ``kernels/``). It is compiled for the
 machine it runs on (``-march=native``): with AVX-512F each 16 columns cost one expand and one fused
-multiply-add per token; elsewhere a scalar loop over the set bits runs (correct, slower: measure
-before relying on it). Where it cannot be built or loaded (no compiler, no ninja, an unsupported
-platform) :func:`ext` says why once in the log and returns None, and :class:`SparseLinear` runs
-dense matmuls on the unpacked weight instead: results are the same, only slower.
+multiply-add per token; with AVX2, FMA and F16C (no AVX-512: AMD Zen 1-3, most desktop CPUs) each 8
+columns cost a table-driven permute and one FMA per token; elsewhere (ARM, x86 without AVX2) only a
+scalar loop over the set bits runs, correct but about 5x slower than a dense matmul (measured:
+0.18-0.25x), which :func:`ext` says once and :func:`fast` reports, so that ``prunewise.load``
+unpacks such a checkpoint to dense. Where it cannot be built or loaded (no compiler, no ninja, an
+unsupported platform) :func:`ext` says why once in the log and returns None, and
+:class:`SparseLinear` runs dense matmuls on the unpacked weight instead: results are the same,
+only slower.
 
 :class:`SparseLinear` replaces an ``nn.Linear`` whose weight is stored compressed: up to
 :data:`KERNEL_TOKENS` token rows per call (decode, small batches) go through the kernel, which
@@ -96,15 +100,26 @@ def ext():
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
     if module is None:
         log.warning("sparse kernel unavailable (%s): compressed layers run dense matmuls on unpacked weights", why)
+    elif module.isa() == "scalar":
+        log.warning(
+            "sparse kernel: this CPU has neither AVX-512F nor AVX2 with FMA and F16C, so only its scalar loop runs, "
+            "about 5x slower than a dense matmul; prunewise.load unpacks compressed checkpoints to dense here"
+        )
     _EXT.append(module)
     return module
 
 
 def isa() -> str:
     """The kernel's code path here: ``avx512+bf16`` (AVX-512 with bf16 dot products), ``avx512``,
-    ``scalar``, or ``none`` (no kernel: dense matmuls)."""
+    ``avx2``, ``scalar``, or ``none`` (no kernel: dense matmuls)."""
     module = ext()
     return module.isa() if module is not None else "none"
+
+
+def fast() -> bool:
+    """Whether the kernel has a vector path here (AVX-512 or AVX2), the only ones faster than a dense
+    matmul at decode; with the scalar loop or no kernel, packed layers are slower than unpacked ones."""
+    return isa() not in ("scalar", "none")
 
 
 def read_bandwidth(megabytes: int = 512, repeat: int = 5) -> float | None:

@@ -4,10 +4,13 @@
 //
 // With AVX-512F each 16 columns of a row cost one expand (the next popcount(bits) values spread
 // to the lanes the bits name, zeros elsewhere) and one fused multiply-add per token row, so a row
-// reads its values and mask once whatever the token count. Without AVX-512F a scalar loop over
-// the set bits does the same work. 16-bit values are read 16 at a time, so the values buffer must
-// hold 16 elements of padding after the last row (the Python side allocates it). With AVX512-BF16
-// and VBMI2, bf16 weights against bf16 activations take a dot-product path (row_tile_dot).
+// reads its values and mask once whatever the token count. With AVX2, FMA and F16C but no AVX-512
+// (AMD Zen 1-3, most desktop CPUs) each 8 columns cost a load of the next 8 values, a permute by a
+// 256-entry table indexed by the mask byte, a lane mask and one FMA per token row. Elsewhere a
+// scalar loop over the set bits does the same work (slow: the Python side does not use it for
+// products). 16-bit values are read 16 at a time, so the values buffer must hold 16 elements of
+// padding after the last row (the Python side allocates it). With AVX512-BF16 and VBMI2, bf16
+// weights against bf16 activations take a dot-product path (row_tile_dot).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,6 +23,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PRUNEWISE_AVX2 1
 #endif
 
 namespace {
@@ -99,6 +105,22 @@ void unpack_scalar(const char* vals, const uint8_t* mask, int64_t mbytes, const 
     for_each_set_bit(mask + r * mbytes, mbytes, offs[r],
                      [&](int64_t c, int64_t k) { std::memcpy(row + c * item, vals + k * item, item); });
   }
+}
+
+// tile(std::integral_constant<int, T>, t) for token rows [t, t + T) of n in tiles of 8, then 4, 2, 1.
+template <typename Tile>
+inline void token_tiles(int64_t n, Tile tile) {
+  int64_t t = 0;
+  for (; n - t >= 8; t += 8) tile(std::integral_constant<int, 8>{}, t);
+  if (n - t >= 4) {
+    tile(std::integral_constant<int, 4>{}, t);
+    t += 4;
+  }
+  if (n - t >= 2) {
+    tile(std::integral_constant<int, 2>{}, t);
+    t += 2;
+  }
+  if (n - t >= 1) tile(std::integral_constant<int, 1>{}, t);
 }
 
 #if defined(__AVX512F__)
@@ -219,22 +241,6 @@ inline void pair_tile(const float* x, const char* p0, const char* p1, const uint
     out[t * rows] = _mm512_reduce_add_ps(a[t]);
     out[t * rows + 1] = _mm512_reduce_add_ps(b[t]);
   }
-}
-
-// tile(std::integral_constant<int, T>, t) for token rows [t, t + T) of n in tiles of 8, then 4, 2, 1.
-template <typename Tile>
-inline void token_tiles(int64_t n, Tile tile) {
-  int64_t t = 0;
-  for (; n - t >= 8; t += 8) tile(std::integral_constant<int, 8>{}, t);
-  if (n - t >= 4) {
-    tile(std::integral_constant<int, 4>{}, t);
-    t += 4;
-  }
-  if (n - t >= 2) {
-    tile(std::integral_constant<int, 2>{}, t);
-    t += 2;
-  }
-  if (n - t >= 1) tile(std::integral_constant<int, 1>{}, t);
 }
 
 template <int KIND>
@@ -369,6 +375,143 @@ void unpack_avx512(const char* vals, const uint8_t* mask, int64_t mbytes, const 
 
 #endif
 
+#if defined(PRUNEWISE_AVX2)
+
+// The expand AVX2 lacks, by table: lane j of RANK[byte] is the index among the next values of the
+// value for column j (the number of set bits below bit j), with its sign bit set where bit j is
+// clear, so that one blend by sign zeroes those lanes after the permute (which reads only the low
+// three bits of each index).
+struct Ranks {
+  alignas(32) int32_t idx[256][8];
+  Ranks() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t rank = __builtin_popcount(static_cast<unsigned>(b) & ((1u << j) - 1)) & 7;
+        idx[b][j] = static_cast<int32_t>(((b >> j) & 1) ? rank : (rank | 0x80000000u));
+      }
+  }
+};
+const Ranks RANK;
+
+constexpr int PREFETCH2 = 16384;  // as the AVX-512 path: into L2 16 KiB ahead, into L1 2 KiB ahead
+constexpr int NEAR2 = 2048;
+
+// The 8 values of columns [8b, 8b + 8) as 32-bit lanes (the next popcount(byte) values at the
+// lanes the bits name, zeros elsewhere); 16-bit values are widened (bf16: shifted into the high
+// half, exact; fp16 converted, exact) unless RAW, which keeps their bits in the low half.
+template <int KIND, bool RAW = false>
+inline __m256i expand8(const char* p, uint32_t byte) {
+  __m256i v;
+  if constexpr (KIND == F32) {
+    v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (RAW) v = _mm256_cvtepu16_epi32(raw);
+    else if constexpr (KIND == BF16) v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+    else v = _mm256_castps_si256(_mm256_cvtph_ps(raw));
+  }
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(RANK.idx[byte]));
+  v = _mm256_permutevar8x32_epi32(v, idx);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(v), _mm256_setzero_ps(), _mm256_castsi256_ps(idx)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The token rows' x for columns [8b, 8b + n) of 8, zeros beyond (the row's last, partial byte).
+inline __m256 load_x(const float* x, int n) {
+  if (n == 8) return _mm256_loadu_ps(x);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(x, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+}
+
+// One weight row against T token rows, U independent accumulators for few token rows (as row_tile).
+template <int KIND, int T>
+inline void row_tile2(const float* x, const char* p, const uint8_t* m, int64_t mbytes, int64_t cols, float* out,
+                      int64_t rows) {
+  constexpr int item = item_size(KIND);
+  constexpr int U = T >= 4 ? 1 : (T == 2 ? 2 : 4);
+  const int64_t full = cols / 8;
+  const int rem = static_cast<int>(cols % 8);
+  __m256 acc[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 4 <= full; b += 4) {
+    _mm_prefetch(p + PREFETCH2, _MM_HINT_T1);
+    _mm_prefetch(p + NEAR2, _MM_HINT_T0);
+    uint32_t group;
+    std::memcpy(&group, m + b, 4);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t byte = (group >> (8 * q)) & 0xFF;
+      const __m256 w = _mm256_castsi256_ps(expand8<KIND>(p, byte));
+      p += __builtin_popcount(byte) * item;
+      for (int t = 0; t < T; ++t)
+        acc[q % U][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + 8 * (b + q)), acc[q % U][t]);
+    }
+  }
+  for (; b < full + (rem ? 1 : 0); ++b) {
+    const int n = b < full ? 8 : rem;
+    const uint32_t byte = m[b] & ((1u << n) - 1);
+    const __m256 w = _mm256_castsi256_ps(expand8<KIND>(p, byte));
+    p += __builtin_popcount(byte) * item;
+    for (int t = 0; t < T; ++t) acc[0][t] = _mm256_fmadd_ps(w, load_x(x + t * cols + 8 * b, n), acc[0][t]);
+  }
+  for (int t = 0; t < T; ++t) {
+    __m256 s = acc[0][t];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][t]);
+    out[t * rows] = hsum8(s);
+  }
+}
+
+template <int KIND>
+void linear_avx2(const float* x, int64_t n, const char* vals, const uint8_t* mask, int64_t mbytes,
+                 const int64_t* offs, int64_t cols, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  constexpr int item = item_size(KIND);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = vals + offs[r] * item;
+    const uint8_t* m = mask + r * mbytes;
+    token_tiles(n, [&](auto T, int64_t t) {
+      row_tile2<KIND, decltype(T)::value>(x + t * cols, p, m, mbytes, cols, out + t * rows + r, rows);
+    });
+  }
+}
+
+template <int KIND>
+void unpack_avx2(const char* vals, const uint8_t* mask, int64_t mbytes, const int64_t* offs, int64_t cols,
+                 char* dense, int64_t d0, int64_t r0, int64_t r1) {
+  constexpr int item = item_size(KIND);
+  const int64_t full = cols / 8;
+  const int rem = static_cast<int>(cols % 8);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* p = vals + offs[r] * item;
+    const uint8_t* m = mask + r * mbytes;
+    char* row = dense + (r - d0) * cols * item;
+    for (int64_t b = 0; b < full + (rem ? 1 : 0); ++b) {
+      const int n = b < full ? 8 : rem;
+      const uint32_t byte = m[b] & ((1u << n) - 1);
+      const __m256i v = expand8<KIND, true>(p, byte);  // moves bits: NaN payloads and signed zeros survive
+      char* dst = row + 8 * b * item;
+      if constexpr (KIND == F32) {
+        if (n == 8) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+        else std::memcpy(dst, &v, static_cast<size_t>(n) * 4);
+      } else {
+        const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        if (n == 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
+        else std::memcpy(dst, &h, static_cast<size_t>(n) * 2);
+      }
+      p += __builtin_popcount(byte) * item;
+    }
+  }
+}
+
+#endif
+
 void check(const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets, int64_t cols) {
   TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu() && offsets.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values: a contiguous 1-D tensor");
@@ -396,6 +539,9 @@ void unpack_rows(const torch::Tensor& values, const torch::Tensor& mask, const t
 #if defined(__AVX512F__)
     if (kind == F32) unpack_avx512<F32>(vp, mp, mbytes, op, cols, dense, d0, a, b);
     else unpack_avx512<BF16>(vp, mp, mbytes, op, cols, dense, d0, a, b);  // 16-bit values move as integers
+#elif defined(PRUNEWISE_AVX2)
+    if (kind == F32) unpack_avx2<F32>(vp, mp, mbytes, op, cols, dense, d0, a, b);
+    else unpack_avx2<BF16>(vp, mp, mbytes, op, cols, dense, d0, a, b);
 #else
     if (kind == F32) unpack_scalar<F32>(vp, mp, mbytes, op, cols, dense, d0, a, b);
     else unpack_scalar<BF16>(vp, mp, mbytes, op, cols, dense, d0, a, b);
@@ -432,6 +578,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor values, torch::Tensor mask, 
     if (kind == F32) linear_avx512<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
     else if (kind == BF16) linear_avx512<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
     else linear_avx512<F16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+#elif defined(PRUNEWISE_AVX2)
+    if (kind == F32) linear_avx2<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else if (kind == BF16) linear_avx2<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
+    else linear_avx2<F16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
 #else
     if (kind == F32) linear_scalar<F32>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
     else if (kind == BF16) linear_scalar<BF16>(xp, n, vp, mp, mbytes, op, cols, outp, rows, r0, r1);
@@ -470,6 +620,15 @@ double read_all(torch::Tensor a) {
       s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
     }
     t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(PRUNEWISE_AVX2)
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 32 <= i1; i += 32) {
+      s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + i));
+      s1 = _mm256_add_ps(s1, _mm256_loadu_ps(p + i + 8));
+      s2 = _mm256_add_ps(s2, _mm256_loadu_ps(p + i + 16));
+      s3 = _mm256_add_ps(s3, _mm256_loadu_ps(p + i + 24));
+    }
+    t = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 #endif
     for (; i < i1; ++i) t += p[i];
     parts[at::get_thread_num()] += t;
@@ -484,6 +643,8 @@ std::string isa() {
   return "avx512+bf16";
 #elif defined(__AVX512F__)
   return "avx512";
+#elif defined(PRUNEWISE_AVX2)
+  return "avx2";
 #else
   return "scalar";
 #endif
@@ -493,5 +654,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for W as values + bitmask (float32 out)");
   m.def("unpack", &unpack, "W as a dense matrix in the values' dtype, into a given tensor");
   m.def("read_all", &read_all, "sum of a float32 tensor read by every thread (a bandwidth probe)");
-  m.def("isa", &isa, "which code path was compiled: avx512+bf16, avx512 or scalar");
+  m.def("isa", &isa, "which code path was compiled: avx512+bf16, avx512, avx2 or scalar");
 }
