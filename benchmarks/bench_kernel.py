@@ -1,6 +1,6 @@
 """The bitmask kernel alone, on cold matrices: time per call and GB/s of the packed bytes (issue 25).
 
-    python benchmarks/bench_kernel.py [--sparsity 0.7] [--rows 1 8] [--source other.cpp] [--json F]
+    python benchmarks/bench_kernel.py [--sparsity 0.7] [--rows 1 8] [--source other.cpp] [--isa native avx2] [--json F]
 
 For each weight shape of Qwen2.5-Coder 1.5B (by default), random weights pruned by magnitude to
 ``--sparsity`` are packed, and enough copies made to cycle through ``--pool`` MB, so that every
@@ -8,7 +8,9 @@ call reads its matrix from memory as a decode step does (a matrix that stayed in
 would measure the cache). One call per matrix, ``--calls`` calls, medians; the kernels and the
 dense ``F.linear`` on the same cycled weights are called in turns; the machine's streaming read
 (``read_all``) for scale. ``--source`` builds another version of ``csrc/bitmask.cpp`` under its own name, to
-compare a change against the shipped kernel in one process. Run it alone on the machine.
+compare a change against the shipped kernel in one process; ``--isa native avx2 scalar`` builds each
+source for the narrower code paths too (``PRUNEWISE_SPARSE_ISA``), to compare them on one machine.
+Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -29,19 +31,20 @@ from prunewise.storage.cache import default_cache_dir
 SHAPES = ["1536x1536", "256x1536", "8960x1536", "1536x8960"]
 
 
-def build(source: Path):
-    """The extension compiled from ``source`` (the shipped one through :func:`kernel.ext`)."""
-    if source.resolve() == kernel.SOURCE.resolve():
+def build(source: Path, isa: str = "native"):
+    """The extension compiled from ``source`` for one of this CPU's code paths (``kernel.ISA_FLAGS``;
+    the shipped source's native build through :func:`kernel.ext`)."""
+    if source.resolve() == kernel.SOURCE.resolve() and isa == "native":
         return kernel.ext()
     from torch.utils import cpp_extension
 
-    name = "bench_bitmask_" + hashlib.sha256(source.read_bytes()).hexdigest()[:10]
+    name = f"bench_bitmask_{hashlib.sha256(source.read_bytes()).hexdigest()[:10]}_{isa}"
     build_dir = default_cache_dir() / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", *kernel.ISA_FLAGS[isa], "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )
@@ -93,12 +96,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="token rows per call")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--source", type=Path, nargs="+", default=[kernel.SOURCE], help="kernel sources to compare")
+    ap.add_argument(
+        "--isa", nargs="+", default=["native"], choices=list(kernel.ISA_FLAGS), help="code paths to compare"
+    )
     ap.add_argument("--pool", type=int, default=400, help="MB of matrices cycled through")
     ap.add_argument("--calls", type=int, default=60)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    modules = [(str(s), build(s)) for s in args.source]
+    modules = [(f"{s}:{isa}", build(s, isa)) for s in args.source for isa in args.isa]
+    for name, mod in modules:
+        print(f"{name}: {mod.isa()}")
     bandwidth = kernel.read_bandwidth()
     print(f"threads {torch.get_num_threads()}, streaming read {bandwidth:.1f} GB/s")
     rows_out = []
@@ -128,7 +136,7 @@ def main() -> None:
                     line[name] = {"ms": k * 1e3, "speedup": dense_s / k, "gbs": nbytes / k / 1e9}
                 rows_out.append(line)
                 cells = "  ".join(
-                    f"{Path(n).stem}: {v['ms']:.3f} ms {v['speedup']:.2f}x {v['gbs']:.1f} GB/s"
+                    f"{Path(n).name}: {v['ms']:.3f} ms {v['speedup']:.2f}x {v['gbs']:.1f} GB/s"
                     for n, v in line.items()
                     if isinstance(v, dict)
                 )

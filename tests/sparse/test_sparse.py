@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +92,58 @@ def test_kernel_equals_dense_matmul(shape, dtype):
         ref = xh.double() @ w.double().t()
         assert got.dtype == torch.float32
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * (1 + ref.abs().max().item()))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return set(next((line for line in fh if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def test_the_build_is_the_path_asked_for():
+    """Native builds take the widest path the CPU has; PRUNEWISE_SPARSE_ISA narrows it (run below)."""
+    asked = os.environ.get("PRUNEWISE_SPARSE_ISA", "native")
+    flags = cpu_flags()
+    if asked == "native":
+        if not flags:
+            pytest.skip("no /proc/cpuinfo flags to predict the path from")
+        want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+    else:
+        want = asked
+    assert kernel.isa().split("+")[0] == want
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_the_narrower_paths_equal_dense_too(isa, tmp_path):
+    """The kernel's AVX2 and scalar paths, compiled on this CPU, pass the same checks as its widest one:
+    on an AVX-512 machine they would otherwise never run (a separate build each, about a minute)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("PRUNEWISE_SPARSE_ISA narrows x86-64 builds only")
+    if isa == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2 with FMA and F16C")
+    if kernel.isa().split("+")[0] == isa:
+        pytest.skip(f"{isa} is this machine's native path: the rest of this file tests it")
+    tests = "kernel_equals_dense_matmul or matches_linear_for_decode or path_asked_for"
+    env = dict(os.environ, PRUNEWISE_SPARSE_ISA=isa)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_an_unknown_isa_is_refused(monkeypatch):
+    monkeypatch.setattr(kernel, "_EXT", [])
+    monkeypatch.setenv("PRUNEWISE_SPARSE_KERNEL", "1")
+    monkeypatch.setenv("PRUNEWISE_SPARSE_ISA", "avx9")
+    with pytest.raises(ValueError, match="native, avx2, scalar"):
+        kernel.ext()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

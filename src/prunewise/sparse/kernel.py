@@ -73,25 +73,41 @@ def _cpu_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
 
 
+# PRUNEWISE_SPARSE_ISA: which of this CPU's code paths to compile. "native" (the default) takes the
+# widest; "avx2" and "scalar" compile the narrower ones on a wider x86 CPU, so that they can be tested
+# and measured on one machine (tests/sparse, benchmarks/bench_kernel.py).
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2"]}
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    choice = os.environ.get("PRUNEWISE_SPARSE_ISA", "native").strip().lower() or "native"
+    if choice not in ISA_FLAGS:
+        raise ValueError(f"PRUNEWISE_SPARSE_ISA={choice!r}: expected one of {', '.join(ISA_FLAGS)}")
+    if choice != "native" and platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ValueError(f"PRUNEWISE_SPARSE_ISA={choice!r} only narrows x86-64 builds; this is {platform.machine()}")
+    return choice, ISA_FLAGS[choice]
+
+
 def ext():
     """The compiled kernel module, or None where it cannot be built here (said once, in the log)."""
     if _EXT:
         return _EXT[0]
-    module, why = None, None
+    module, why, choice = None, None, "native"
     if os.environ.get("PRUNEWISE_SPARSE_KERNEL", "1") == "0":
         why = "PRUNEWISE_SPARSE_KERNEL=0"
     else:
+        choice, narrow = _isa_flags()  # a bad value is the user's to fix, not a reason to run dense
         try:
             from torch.utils import cpp_extension
 
             digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
-            name = f"prunewise_bitmask_{digest}_{_cpu_tag()}"
+            name = f"prunewise_bitmask_{digest}_{_cpu_tag()}" + ("" if choice == "native" else f"_{choice}")
             build = default_cache_dir() / "kernels" / name
             build.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=["-O3", "-march=native", *narrow, "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
                 verbose=False,
@@ -101,9 +117,15 @@ def ext():
     if module is None:
         log.warning("sparse kernel unavailable (%s): compressed layers run dense matmuls on unpacked weights", why)
     elif module.isa() == "scalar":
+        cause = (
+            "PRUNEWISE_SPARSE_ISA=scalar"
+            if choice == "scalar"
+            else "this CPU has neither AVX-512F nor AVX2 with FMA and F16C"
+        )
         log.warning(
-            "sparse kernel: this CPU has neither AVX-512F nor AVX2 with FMA and F16C, so only its scalar loop runs, "
-            "about 5x slower than a dense matmul; prunewise.load unpacks compressed checkpoints to dense here"
+            "sparse kernel: %s, so only its scalar loop runs, about 5x slower than a dense matmul; "
+            "prunewise.load unpacks compressed checkpoints to dense here",
+            cause,
         )
     _EXT.append(module)
     return module
