@@ -26,7 +26,6 @@ import torch
 from torch.nn import functional as F
 
 from prunewise.sparse import bitmask, kernel
-from prunewise.storage.cache import default_cache_dir
 
 SHAPES = ["1536x1536", "256x1536", "8960x1536", "1536x8960"]
 
@@ -36,18 +35,8 @@ def build(source: Path, isa: str = "native"):
     the shipped source's native build through :func:`kernel.ext`)."""
     if source.resolve() == kernel.SOURCE.resolve() and isa == "native":
         return kernel.ext()
-    from torch.utils import cpp_extension
-
     name = f"bench_bitmask_{hashlib.sha256(source.read_bytes()).hexdigest()[:10]}_{isa}"
-    build_dir = default_cache_dir() / "kernels" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", *kernel.ISA_FLAGS[isa], "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-    )
+    return kernel.compile_source(source, name, kernel.ISA_FLAGS[isa])
 
 
 def packed_pool(rows: int, cols: int, sparsity: float, pool_mb: int, dtype: torch.dtype, seed: int = 0):

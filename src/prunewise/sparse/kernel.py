@@ -62,15 +62,36 @@ _EXT: list = []  # [module or None], once per process
 _SCRATCH = threading.local()  # per thread and dtype: the matrix prefill unpacks weights into, grown as needed
 
 
-def _cpu_tag() -> str:
-    """What the build depends on besides its source: the CPU's instruction sets and torch."""
-    flags = ""
+def cpu_flags() -> list[str]:
+    """The CPU's instruction-set flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
+            return next((line for line in fh if line.startswith("flags")), "").split()
     except OSError:
-        pass
+        return []
+
+
+def _cpu_tag() -> str:
+    """What the build depends on besides its source: the CPU's instruction sets and torch."""
+    flags = " ".join(cpu_flags())
     return hashlib.sha256(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
+
+
+def compile_source(source: Path, name: str, narrow: tuple[str, ...] | list[str] = ()):
+    """``source`` compiled for this CPU (``-march=native``, less ``narrow``: :data:`ISA_FLAGS`) as the
+    extension ``name``, built once under the cache's ``kernels/``."""
+    from torch.utils import cpp_extension
+
+    build = default_cache_dir() / "kernels" / name
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=["-O3", "-march=native", *narrow, "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=False,
+    )
 
 
 # PRUNEWISE_SPARSE_ISA: which of this CPU's code paths to compile. "native" (the default) takes the
@@ -98,20 +119,9 @@ def ext():
     else:
         choice, narrow = _isa_flags()  # a bad value is the user's to fix, not a reason to run dense
         try:
-            from torch.utils import cpp_extension
-
             digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
             name = f"prunewise_bitmask_{digest}_{_cpu_tag()}" + ("" if choice == "native" else f"_{choice}")
-            build = default_cache_dir() / "kernels" / name
-            build.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", *narrow, "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
+            module = compile_source(SOURCE, name, narrow)
         except Exception as exc:  # no compiler, no ninja, a failed build: dense matmuls instead
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
     if module is None:
