@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from prunewise.errors import ConfigError
 from prunewise.prune.masks import (
     Pattern,
+    count_true,
     lowest_in_matrix,
     lowest_per_row,
     make_mask,
@@ -154,6 +155,45 @@ def test_selection_equals_stable_sort(rows, cols, levels, seed, data):
     flat = torch.zeros(rows * cols, dtype=torch.bool)
     flat[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
     assert torch.equal(lowest_in_matrix(scores, k), flat.view(rows, cols))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    cols=st.integers(2, 40),
+    levels=st.integers(1, 6),
+    nan=st.booleans(),
+    seed=st.integers(0, 10_000),
+    data=st.data(),
+)
+def test_rows_that_prune_k_or_k_plus_one_share_one_selection(rows, cols, levels, nan, seed, data):
+    """Spread counts (every row ``k`` or ``k + 1``: what a sparsity that is not a whole number of
+    weights per row gives) take one selection for both counts; the set is still the stable sort's,
+    ties and NaN (lowest) included."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (rows, cols), generator=g).float()
+    if nan:
+        scores[torch.rand(rows, cols, generator=g) < 0.2] = float("nan")
+    k = data.draw(st.integers(0, cols - 1))
+    counts = k + torch.tensor(data.draw(st.lists(st.integers(0, 1), min_size=rows, max_size=rows)))
+    order = torch.sort(torch.nan_to_num(scores, nan=-float("inf")), dim=1, stable=True).indices
+    expect = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(rows):
+        expect[r, order[r, : counts[r]]] = True
+    assert torch.equal(lowest_per_row(scores, counts), expect)
+
+
+@pytest.mark.parametrize("numel", [0, 1, 16383, 16384, 16385, 70_001])
+def test_count_true_counts_every_entry(numel):
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=g) < 0.7
+    assert count_true(mask) == int(mask.sum()) == sum(mask.tolist())
+    assert count_true(torch.ones(numel, dtype=torch.bool)) == numel  # int16 chunk sums do not wrap
+    if numel > 40_000:  # rows wider than an int16 count
+        wide = torch.ones(2, numel // 2, dtype=torch.bool)
+        assert count_true(wide) == 2 * (numel // 2)
+        scores = torch.rand(2, 35_000, generator=g)
+        assert unstructured_mask(scores, 0.6, "row").sum(1).tolist() == [21_000, 21_000]
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -37,11 +37,11 @@ from torch import nn
 from ..errors import PrunewiseError
 from ..model.blocks import BlockSource, Call, Stop, run_block
 from ..model.experts import ExpertLinear
-from ..model.layers import weight_matrix
+from ..model.layers import store_weight_matrix, weight_matrix
 from ..model.sources import make_source
 from ..registry import METRICS, Entry
-from .masks import Pattern, make_mask, target_count
-from .stats import BLOCK, LayerStats, make_stats
+from .masks import Pattern, count_true, make_mask, target_count
+from .stats import BLOCK, LayerStats, all_finite, make_stats
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +177,16 @@ def prune_linear(
         if abs(n - sparsity * pattern.m) > 1e-6:
             raise ValueError(f"sparsity {sparsity} is not a whole number of zeros per group of {pattern.m}")
         if n == 0:
-            return int((w == 0).sum())
+            return count_true(w == 0)
         pattern = Pattern(n=n, m=pattern.m)
     if metric.solver:
-        w.copy_(metric.fn(w, stats, sparsity, pattern, **params))
+        new = metric.fn(w, stats, sparsity, pattern, **params)
     else:
         scores = metric.fn(w, stats, **params)
-        mask = make_mask(scores, sparsity, pattern, metric.group)
-        w.masked_fill_(mask.to(w.device), 0)
-    return int((w == 0).sum())
+        mask = make_mask(scores, sparsity, pattern, metric.group).to(w.device)
+        del scores  # its memory takes the pruned weight
+        new = w.masked_fill(mask, 0)
+    return count_true(store_weight_matrix(module, new.to(w.dtype)) == 0)
 
 
 def _no_input(name: str, metric: str) -> RuntimeError:
@@ -205,7 +206,7 @@ class _Pruner:
 
     def prune(self, name: str, module: nn.Module, stats: LayerStats | None) -> int:
         """Prune one layer, noting non-finite weights or statistics (their NaN scores go first)."""
-        if not torch.isfinite(weight_matrix(module)).all():
+        if not all_finite(weight_matrix(module)):
             self.nonfinite["weights"].append(name)
         elif stats is not None and not stats.finite():
             self.nonfinite["input statistics"].append(name)
