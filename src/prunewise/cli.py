@@ -25,7 +25,7 @@ from .model.loading import TORCH_DTYPES, load_model, load_sparse
 from .model.malloc import keep_freed_memory
 from .model.memory import STREAM_CHOICES
 from .prune.engine import MODES, PROPAGATE
-from .registry import ALLOCATORS, METRICS
+from .registry import ALLOCATORS, METRICS, suggest
 from .report import write_report
 from .report.plots import save_profile_plot
 from .report.tables import block_table, layer_table, ppl_table, zero_shot_columns
@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--tokens", default="1,8,2048", help="rows of the per-layer matmuls, comma-separated (default 1,8,2048)"
     )
+    sp.add_argument(
+        "--models",
+        default=",".join(SPEED_MODELS),
+        help="which to time, comma-separated: source (the dense model the run pruned), pruned (its weights run "
+        "densely), kernel (on the sparse CPU kernel); each left out is never loaded, which saves its memory "
+        "(a 1.5B model in fp32 holds 7 GB per dense copy). Default: all three",
+    )
     sp.add_argument("--no-kernel", action="store_true", help="do not measure the pruned model on the sparse CPU kernel")
     sp.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
     sp.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -443,6 +450,21 @@ def _ints(text: str, what: str) -> list:
     return values
 
 
+SPEED_MODELS = ("source", "pruned", "kernel")
+
+
+def speed_models(text: str) -> set[str]:
+    """``--models`` of ``prunewise speed``: names from :data:`SPEED_MODELS`, at least one of them pruned."""
+    names = {n.strip().lower() for n in text.split(",") if n.strip()}
+    for name in sorted(names - set(SPEED_MODELS)):
+        raise PrunewiseError(
+            f"models: unknown '{name}'{suggest(name, list(SPEED_MODELS))} (choices: {', '.join(SPEED_MODELS)})"
+        )
+    if not names & {"pruned", "kernel"}:
+        raise PrunewiseError(f"models: '{text}' times nothing pruned; add pruned or kernel")
+    return names
+
+
 def cmd_speed(args: argparse.Namespace) -> int:
     shapes = _ints(args.shapes, "shapes")
     if any(not isinstance(s, tuple) or len(s) != 2 for s in shapes):
@@ -452,21 +474,32 @@ def cmd_speed(args: argparse.Namespace) -> int:
     for name in ("steps", "repeat"):
         if getattr(args, name) < 1:
             raise PrunewiseError(f"{name}: must be at least 1, got {getattr(args, name)}")
+    want = speed_models(args.models) - ({"kernel"} if args.no_kernel else set())
     device = args.device or default_device()
     PruneConfig(device=device).validate()  # cuda available?
+    on_cpu = device.split(":")[0] == "cpu"
     cache_dir = resolve_cache_dir(args.cache_dir)
     path = Path(args.model).expanduser()
-    pruned, _, _ = load_model(args.model, args.dtype, cache_dir, trust_remote_code=args.trust_remote_code)
+    packed_folder = path.is_dir() and is_sparse(path)
     dense = None
-    if (path / RECORD).is_file():
+    if "source" in want and (path / RECORD).is_file():
         dense, _ = load_dense_source(RunRecord.read(path), args.dtype, cache_dir, args.trust_remote_code)
+    use_kernel = on_cpu and "kernel" in want
+    # The pruned model run densely: timed when asked for, on a GPU (its 2:4 layers), or when it is the only
+    # dense model; loaded also to be packed (a dense-format run), then dropped.
+    timed_pruned = "pruned" in want or not on_cpu or dense is None
+    pruned = None
+    if timed_pruned or (use_kernel and not packed_folder):
+        pruned, _, _ = load_model(args.model, args.dtype, cache_dir, trust_remote_code=args.trust_remote_code)
     sparse = None
-    if device.split(":")[0] == "cpu" and not args.no_kernel:
-        if path.is_dir() and is_sparse(path):  # as pw.load gives it
+    if use_kernel:
+        if packed_folder:  # as pw.load gives it
             dtype = TORCH_DTYPES.get(args.dtype, "auto")
             sparse = load_sparse(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
         else:
             sparse = with_kernel(pruned) if ext() is not None else None
+    if not timed_pruned:
+        pruned = None  # the packed copy shares its other tensors; its dense linear weights go
     report = measure(
         pruned,
         dense,

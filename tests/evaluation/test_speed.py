@@ -61,6 +61,33 @@ def test_speed_of_a_2_4_run_three_ways(tokenizer, text_file, tmp_path, capsys):
     )
 
 
+def test_models_left_out_are_neither_timed_nor_loaded(tokenizer, text_file, tmp_path, monkeypatch):
+    """``--models source,kernel`` on a ``--format sparse`` run: the pruned model run densely is never
+    loaded (the memory of one dense copy), the per-layer dense matmuls run on the source's weights,
+    and the sparsity and sizes are still the pruned model's."""
+    import prunewise.cli as cli
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    run = tmp_path / "run"
+    prune = ["prune", "--model", str(src), "--metric", "magnitude", "--sparsity", "0.75", "--format", "sparse"]
+    assert main([*prune, "--out", str(run), "-q"]) == 0
+    loads = []
+    real = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    two = _speed(run, tmp_path / "two.json", "--models", "source,kernel")
+    assert loads == []
+    assert {r["model"] for r in two["prefill"] + two["decode"]} == {"dense source", "pruned, sparse kernel"}
+    for r in two["layers"]:
+        assert r["sparsity"] == 0.75 and r["dense_ms"] > 0 and r["kernel_ms"] > 0
+    full = _speed(run, tmp_path / "full.json")
+    assert loads == [str(run)] and two["sizes"] == full["sizes"]
+    assert {r["model"] for r in full["decode"]} == {"dense source", "pruned, dense", "pruned, sparse kernel"}
+    alone = _speed(run, tmp_path / "alone.json", "--models", "kernel")  # no source: the pruned model is the reference
+    assert {r["model"] for r in alone["decode"]} == {"pruned, dense", "pruned, sparse kernel"}
+
+
 def test_decode_step_uses_the_cache_and_matches_a_full_forward():
     model = tiny_model("llama")
     ids = torch.tensor([[5, 9, 17, 3]])
@@ -83,6 +110,8 @@ def test_speed_arguments_are_checked_in_one_line(tmp_path, capsys):
         (["--shapes", "ax1"], "cannot read"),
         (["--decode", "0"], "positive integers"),
         (["--repeat", "0"], "repeat: must be at least 1"),
+        (["--models", "source,kernl"], "unknown 'kernl'; did you mean 'kernel'?"),
+        (["--models", "source"], "times nothing pruned"),
     ):
         assert main(["speed", "--model", str(tmp_path / "none"), *flags]) == 2
         err = capsys.readouterr().err

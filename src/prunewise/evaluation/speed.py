@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from ..model.blocks import BlockSource
 from ..model.layers import weight_matrix
+from ..prune.masks import count_true
 from ..sparse import kernel
 
 SOURCE, PRUNED, SPARSE, SEMI = "dense source", "pruned, dense", "pruned, sparse kernel", "pruned (2:4 kernels)"
@@ -192,7 +193,8 @@ def layer_times(
     """Per distinct (shape, 2:4 or not) linear layer of ``pruned`` and row count: one pass of
     ``x W^T`` over every layer of that shape, per layer: dense (``dense_ms``), on the sparse
     kernel's layers of ``sparse`` (``kernel_ms``, ``kernel_bytes`` read per layer, ``kernel_gb_s``
-    and ``of_bandwidth``), through 2:4 kernels where ``semi``."""
+    and ``of_bandwidth``), through 2:4 kernels where ``semi``. ``pruned`` may be the dense source
+    (:func:`measure`): the sparsity is then the packed layers'."""
     groups: dict[tuple, list[str]] = {}
     for _, name, module in BlockSource(pruned).all_linears():
         w = weight_matrix(module)
@@ -213,7 +215,11 @@ def layer_times(
                 semis = [to_sparse_semi_structured(w) for w in ws]
             except (RuntimeError, ValueError) as exc:
                 error = str(exc).splitlines()[0][:120]
-        sparsity = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        numel = sum(w.numel() for w in ws)
+        if len(packed) == len(ws):  # the pruned weights' zeros, whichever dense model times the matmuls
+            sparsity = 1 - sum(m.values.numel() - kernel.PAD for m in packed) / numel
+        else:
+            sparsity = sum(count_true(w == 0) for w in ws) / numel
         for n in tokens:
             x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(0)).to(device, ws[0].dtype)
             fns = {"dense": lambda x=x, ws=ws: [F.linear(x, w) for w in ws]}
@@ -280,7 +286,7 @@ def sizes(pruned: nn.Module, sparse: nn.Module | None) -> dict[str, int]:
 
 
 def measure(
-    pruned: nn.Module,
+    pruned: nn.Module | None,
     dense: nn.Module | None,
     *,
     sparse: nn.Module | None = None,
@@ -292,11 +298,16 @@ def measure(
     tokens: list[int] = (1, 8, 2048),
     repeat: int = 3,
 ) -> SpeedReport:
-    """Time ``dense`` (when given), ``pruned`` and ``sparse`` (when given: ``pruned`` with its
-    packed layers on the kernel, e.g. :func:`prunewise.sparse.kernel.with_kernel`) on ``device``; models are moved there
-    and back, and timed in turns."""
+    """Time ``dense``, ``pruned`` and ``sparse`` (each when given; ``sparse``: the pruned model with
+    its packed layers on the kernel, e.g. :func:`prunewise.sparse.kernel.with_kernel`) on ``device``;
+    models are moved there and back, and timed in turns. Sizes and the per-layer dense matmuls use
+    ``pruned``, or without it ``dense`` (the same shapes: a dense matmul's time does not depend on the
+    values), so one of the two is needed."""
+    reference = pruned if pruned is not None else dense
+    if reference is None:
+        raise ValueError("measure needs a dense model: the pruned one or its source")
     dev = torch.device(device)
-    dtype = next(pruned.parameters()).dtype
+    dtype = next(reference.parameters()).dtype
     report = SpeedReport(str(dev), str(dtype).replace("torch.", ""))
     why_not = semi_structured(dev, dtype)
     if sparse is not None and dev.type != "cpu":
@@ -306,17 +317,19 @@ def measure(
         report.kernel_isa = kernel.isa()
         report.bandwidth_gb_s = kernel.read_bandwidth()
     models = {k: m for k, m in ((SOURCE, dense), (PRUNED, pruned), (SPARSE, sparse)) if m is not None}
-    report.sizes = sizes(pruned, sparse)
+    report.sizes = sizes(reference, sparse)
     for m in models.values():
         m.to(dev)
     try:
         report.prefill += prefill(models, list(shapes), dev, repeat)
         report.decode += decode(models, list(decode_batches), steps, prompt, dev, repeat)
-        report.layers = layer_times(pruned, sparse, list(tokens), dev, repeat, why_not is None, report.bandwidth_gb_s)
+        report.layers = layer_times(
+            reference, sparse, list(tokens), dev, repeat, why_not is None, report.bandwidth_gb_s
+        )
     finally:
         for m in models.values():
             m.to("cpu")
-    if why_not is None and any(row["nm"] for row in report.layers):
+    if pruned is not None and why_not is None and any(row["nm"] for row in report.layers):
         pruned.to(dev)
         try:
             done, refused = to_semi_structured(pruned)

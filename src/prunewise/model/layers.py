@@ -87,17 +87,3 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     w = module.weight.data
     return w.t() if is_conv1d(module) else w
 
-
-def store_weight_matrix(module: nn.Module, new: torch.Tensor) -> torch.Tensor:
-    """Make ``new`` (``[C_out, C_in]``, the weight's dtype and device) the module's weight; returns
-    :func:`weight_matrix` after. A plain ``nn.Linear`` parameter is rebound to ``new`` rather than
-    copied into: where the checkpoint is memory-mapped (a model loaded in memory from safetensors)
-    the first write to each page of the old weight is a copy-on-write fault, which made an in-place
-    ``masked_fill_`` of a 8,960 x 1,536 fp32 weight take 95-106 ms against 34-38 ms into fresh
-    memory. A view (GPT-2's ``Conv1D`` transpose, one expert of a fused tensor) is written in place."""
-    param = module.weight
-    if isinstance(param, nn.Parameter) and not is_conv1d(module) and new.shape == param.shape:
-        param.data = new
-    else:
-        weight_matrix(module).copy_(new)
-    return weight_matrix(module)

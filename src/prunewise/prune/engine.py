@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import PrunewiseError
 from ..model.blocks import BlockSource, Call, Stop, run_block
 from ..model.experts import ExpertLinear
-from ..model.layers import store_weight_matrix, weight_matrix
+from ..model.layers import weight_matrix
 from ..model.sources import make_source
 from ..registry import METRICS, Entry
 from .masks import Pattern, count_true, make_mask, target_count
@@ -170,6 +170,12 @@ def prune_linear(
 
     With an N:M pattern the layer's own N is ``sparsity * M`` (mixed N:M allocations give blocks
     different N); it must be a whole number.
+
+    The weight is written in place. Where the checkpoint is memory-mapped (a safetensors model
+    loaded in memory) that costs a copy-on-write fault per page: a ``masked_fill_`` of a 8,960 x
+    1,536 fp32 weight takes 95-106 ms against 34-38 ms into fresh memory. Binding the parameter to
+    a fresh tensor instead was tried and undone: the mapped pages, read by the first pass, stayed
+    resident beside the new ones (Qwen2.5-Coder 1.5B, Wanda: peak RSS 13.4 GB against 8.8).
     """
     w = weight_matrix(module)
     if pattern.is_nm:
@@ -180,13 +186,12 @@ def prune_linear(
             return count_true(w == 0)
         pattern = Pattern(n=n, m=pattern.m)
     if metric.solver:
-        new = metric.fn(w, stats, sparsity, pattern, **params)
+        w.copy_(metric.fn(w, stats, sparsity, pattern, **params))
     else:
         scores = metric.fn(w, stats, **params)
-        mask = make_mask(scores, sparsity, pattern, metric.group).to(w.device)
-        del scores  # its memory takes the pruned weight
-        new = w.masked_fill(mask, 0)
-    return count_true(store_weight_matrix(module, new.to(w.dtype)) == 0)
+        mask = make_mask(scores, sparsity, pattern, metric.group)
+        w.masked_fill_(mask.to(w.device), 0)
+    return count_true(w == 0)
 
 
 def _no_input(name: str, metric: str) -> RuntimeError:
