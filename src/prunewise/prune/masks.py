@@ -103,7 +103,9 @@ def _kth_smallest(scores: torch.Tensor, k: int, pair: bool = False) -> torch.Ten
     position ``k``); with ``pair`` the ``k``-th and the ``(k+1)``-th ``[rows, 2]``. One partial
     selection (``topk``, from whichever end is nearer) then the extreme of what it kept: 1.7x a
     ``kthvalue`` on a 8,960 x 1,536 matrix, and one call serves rows that prune ``k`` or ``k + 1``."""
-    cols = scores.shape[1]
+    rows, cols = scores.shape
+    if rows == 1 and not pair:  # one long row (a whole-matrix selection): kthvalue is the faster there
+        return torch.kthvalue(scores, k, dim=1, keepdim=True).values  # (0.21 against 0.25 s on 13.8M scores)
     last = k + int(pair)  # the deepest position needed
     if last <= cols - k + 1:  # the `last` smallest: the k-th and (k+1)-th are its top two
         kept = torch.topk(scores, last, dim=1, largest=False, sorted=False).values
@@ -116,9 +118,12 @@ def _kth_smallest(scores: torch.Tensor, k: int, pair: bool = False) -> torch.Ten
 
 def row_counts(mask: torch.Tensor) -> torch.Tensor:
     """``True`` entries of each row of a 2-D boolean tensor, ``[rows, 1]`` (int16 sums where the rows
-    are narrow enough: 5x faster than a boolean ``sum``)."""
-    dtype = torch.int16 if mask.shape[1] < 2**15 else torch.int64
-    return mask.view(torch.uint8).sum(1, keepdim=True, dtype=dtype)
+    are narrow enough: 5x faster than a boolean ``sum``; one long row in int16 chunks)."""
+    if mask.shape[1] < 2**15:
+        return mask.view(torch.uint8).sum(1, keepdim=True, dtype=torch.int16)
+    if mask.shape[0] == 1:
+        return torch.tensor([[count_true(mask)]])
+    return mask.view(torch.uint8).sum(1, keepdim=True, dtype=torch.int64)
 
 
 def count_true(mask: torch.Tensor) -> int:
