@@ -86,4 +86,3 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as a ``[C_out, C_in]`` view (writes go to the module's parameter)."""
     w = module.weight.data
     return w.t() if is_conv1d(module) else w
-

@@ -122,7 +122,7 @@ def row_counts(mask: torch.Tensor) -> torch.Tensor:
     if mask.shape[1] < 2**15:
         return mask.view(torch.uint8).sum(1, keepdim=True, dtype=torch.int16)
     if mask.shape[0] == 1:
-        return torch.tensor([[count_true(mask)]])
+        return torch.tensor([[count_true(mask)]], device=mask.device)
     return mask.view(torch.uint8).sum(1, keepdim=True, dtype=torch.int64)
 
 
@@ -157,7 +157,7 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= cols:
         return torch.ones_like(scores, dtype=torch.bool)
     scores = finite_order(scores)
-    return _lowest(scores, torch.full((rows, 1), k), _kth_smallest(scores, k))
+    return _lowest(scores, torch.full((rows, 1), k, device=scores.device), _kth_smallest(scores, k))
 
 
 def finite_order(scores: torch.Tensor) -> torch.Tensor:
