@@ -196,6 +196,17 @@ def test_count_true_counts_every_entry(numel):
         assert unstructured_mask(scores, 0.6, "row").sum(1).tolist() == [21_000, 21_000]
 
 
+def test_a_whole_matrix_wider_than_an_int16_count_keeps_the_stable_sort_set():
+    """A whole-matrix selection is one row of every score (here 60,000, with massive ties): its
+    count runs in int16 chunks, and the set is still the stable sort's."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 7, (200, 300), generator=g).float()
+    for k in (1, 25_713, 59_999):
+        expect = torch.zeros(60_000, dtype=torch.bool)
+        expect[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
+        assert torch.equal(lowest_in_matrix(scores, k), expect.view(200, 300))
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_selection_with_and_without_ties_at_the_cut(ties):
     """Distinct scores take the short path (every tie at the cut is the k-th value itself); a row
